@@ -1,0 +1,127 @@
+// Python bindings: a thin layer over the C API in pyactadd.h, so Python exercises the
+// same entry points a C application uses. Input is validated again here because the
+// Python caller might not be pyactadd's own wrapper.
+
+#include "pyactadd.h"
+
+#include "ggml-backend.h"
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+
+#include <dlfcn.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace nb = nanobind;
+
+namespace {
+
+using rows_array = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+// The file that defines the symbol at addr, so Python can check that the engine and
+// llama_cpp share one libllama / libggml.
+std::string library_of(const void * addr) {
+    Dl_info info;
+    if (dladdr(addr, &info) == 0 || info.dli_fname == nullptr) {
+        return "";
+    }
+    return info.dli_fname;
+}
+
+class Engine {
+  public:
+    Engine(int32_t n_embd, int32_t n_layer, bool force_device_copy) {
+        pyactadd_engine_params p = pyactadd_engine_default_params();
+        p.n_embd = n_embd;
+        p.n_layer = n_layer;
+        p.force_device_copy = force_device_copy;
+        engine_ = pyactadd_engine_create(p);
+        if (engine_ == nullptr) {
+            throw nb::value_error("invalid engine parameters: need n_embd > 0 and n_layer >= 2");
+        }
+    }
+    ~Engine() { pyactadd_engine_free(engine_); }
+    Engine(const Engine &) = delete;
+    Engine & operator=(const Engine &) = delete;
+
+    int32_t add(int32_t il, rows_array rows, int32_t offset, bool all_positions) {
+        if (rows.shape(0) > INT32_MAX || rows.shape(1) > INT32_MAX) {
+            throw nb::value_error("steering tensor too large");
+        }
+        const int32_t id = pyactadd_engine_add(engine_, il, rows.data(), (int32_t) rows.shape(0), (int32_t) rows.shape(1), offset,
+                                               all_positions ? PYACTADD_ALIGN_ALL : PYACTADD_ALIGN_POSITIONS);
+        if (id < 0) {
+            throw nb::value_error(pyactadd_engine_last_error(engine_));
+        }
+        return id;
+    }
+
+    int32_t load_file(const std::string & path, float coeff) {
+        const int32_t n = pyactadd_engine_load_file(engine_, path.c_str(), coeff);
+        if (n < 0) {
+            throw nb::value_error(pyactadd_engine_last_error(engine_));
+        }
+        return n;
+    }
+
+    void remove(int32_t id) {
+        if (pyactadd_engine_remove(engine_, id) != 0) {
+            throw nb::value_error(pyactadd_engine_last_error(engine_));
+        }
+    }
+
+    // params_address: the address of a llama_context_params struct (ctypes.addressof).
+    void attach(uintptr_t params_address) {
+        if (params_address == 0) {
+            throw nb::value_error("null llama_context_params address");
+        }
+        if (pyactadd_engine_attach(engine_, reinterpret_cast<llama_context_params *>(params_address)) != 0) {
+            throw nb::value_error(pyactadd_engine_last_error(engine_));
+        }
+    }
+
+    nb::dict stats() const {
+        const pyactadd_engine_stats s = pyactadd_engine_get_stats(engine_);
+        nb::dict d;
+        d["n_layer_outputs_seen"] = s.n_layer_outputs_seen;
+        d["n_layer_outputs_steered"] = s.n_layer_outputs_steered;
+        d["n_rows_added"] = s.n_rows_added;
+        d["n_device_copies"] = s.n_device_copies;
+        d["n_errors"] = s.n_errors;
+        return d;
+    }
+
+    pyactadd_engine * engine_ = nullptr;
+};
+
+} // namespace
+
+NB_MODULE(_engine, m) {
+    m.doc() = "pyactadd's C++ steering engine (see cpp/include/pyactadd.h)";
+    m.attr("ABI_VERSION") = PYACTADD_ABI_VERSION;
+
+    nb::class_<Engine>(m, "Engine")
+        .def(nb::init<int32_t, int32_t, bool>(), nb::arg("n_embd"), nb::arg("n_layer"), nb::arg("force_device_copy") = false)
+        .def("add", &Engine::add, nb::arg("il"), nb::arg("rows"), nb::arg("offset") = 0, nb::arg("all_positions") = false,
+             "Add rows [P, n_embd] to l_out-<il>; returns an id.")
+        .def("load_file", &Engine::load_file, nb::arg("path"), nb::arg("coeff") = 1.0f)
+        .def("remove", &Engine::remove, nb::arg("id"))
+        .def("clear", [](Engine & e) { pyactadd_engine_clear(e.engine_); })
+        .def("count", [](const Engine & e) { return pyactadd_engine_count(e.engine_); })
+        .def("set_force_device_copy", [](Engine & e, bool f) { pyactadd_engine_set_force_device_copy(e.engine_, f); })
+        .def("attach", &Engine::attach, nb::arg("params_address"))
+        .def("stats", &Engine::stats)
+        .def("reset_stats", [](Engine & e) { pyactadd_engine_reset_stats(e.engine_); })
+        .def("last_error", [](const Engine & e) { return std::string(pyactadd_engine_last_error(e.engine_)); });
+
+    m.def("llama_library_path", []() { return library_of(reinterpret_cast<const void *>(&llama_model_n_embd)); },
+          "The libllama file the engine is linked to at run time.");
+    m.def("ggml_library_path", []() { return library_of(reinterpret_cast<const void *>(&ggml_backend_tensor_set)); },
+          "The libggml-base file the engine is linked to at run time.");
+    m.def("engine_library_path", []() { return library_of(reinterpret_cast<const void *>(&pyactadd_engine_create)); },
+          "The libpyactadd file providing the C API.");
+}

@@ -1,0 +1,139 @@
+// pyactadd.h: per-position activation addition (ActAdd) for llama.cpp.
+//
+// The engine installs itself as a llama_context's eval callback (cb_eval). For every
+// micro-batch it reads the positions the graph computes and, for each steered layer
+// whose rows fall in that micro-batch, adds those rows to the layer's output
+// (graph node "l_out-<il>") in place. Micro-batches with no steered position ask the
+// scheduler for nothing, so generation past the steered span runs at full speed.
+//
+// Layers are llama.cpp block-output indices: il steers "l_out-<il>", the residual
+// stream entering block il + 1 (the same tensor llama.cpp's control vector
+// "direction.<il>" is added to). Valid: 0 <= il <= n_layer - 2.
+//
+// Several sequences in one batch: the engine identifies rows by position only, so a
+// row for position p is added to every token at position p, whatever its sequence.
+//
+// Thread safety: none. Change steering between llama_decode calls, never during one.
+//
+// Typical use:
+//
+//     struct pyactadd_engine_params ep = pyactadd_engine_default_params();
+//     ep.n_embd  = llama_model_n_embd(model);
+//     ep.n_layer = llama_model_n_layer(model);
+//     pyactadd_engine * eng = pyactadd_engine_create(ep);
+//     pyactadd_engine_load_file(eng, "love.gguf", 1.0f);       // or pyactadd_engine_add()
+//     struct llama_context_params cp = llama_context_default_params();
+//     pyactadd_engine_attach(eng, &cp);                          // before llama_init_from_model
+//     struct llama_context * ctx = llama_init_from_model(model, cp);
+//     ... llama_decode(ctx, batch) ...
+//     llama_free(ctx);
+//     pyactadd_engine_free(eng);                                 // after the context is gone
+
+#ifndef PYACTADD_H
+#define PYACTADD_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#    define PYACTADD_API __declspec(dllexport)
+#else
+#    define PYACTADD_API __attribute__((visibility("default")))
+#endif
+
+#define PYACTADD_ABI_VERSION 1
+
+typedef struct pyactadd_engine pyactadd_engine;
+
+// How the rows of a steering tensor map to sequence positions.
+enum pyactadd_align {
+    PYACTADD_ALIGN_POSITIONS = 0, // row r is added at position r + offset (front alignment: offset 0)
+    PYACTADD_ALIGN_ALL       = 1, // row 0 is added at every position, like llama.cpp's control vectors
+};
+
+struct pyactadd_engine_params {
+    int32_t n_embd;            // the model's embedding width (llama_model_n_embd); required
+    int32_t n_layer;           // the model's block count (llama_model_n_layer); required
+    bool    force_device_copy; // go through ggml_backend_tensor_get/set even for host buffers
+                               // (the path CUDA and Metal buffers take), so CPU tests cover it
+};
+
+struct pyactadd_engine_stats {
+    uint64_t n_layer_outputs_seen; // l_out nodes of steered layers seen by the callback
+    uint64_t n_layer_outputs_steered; // of those, the ones the engine asked for and wrote into
+    uint64_t n_rows_added;         // token rows that received a steering row
+    uint64_t n_device_copies;      // ggml_backend_tensor_get/set calls made by the non-host path
+    uint64_t n_errors;             // graph tensors the engine had to skip (see pyactadd_engine_last_error)
+};
+
+// Defaults: n_embd = 0, n_layer = 0 (both must be set), force_device_copy = false.
+PYACTADD_API struct pyactadd_engine_params pyactadd_engine_default_params(void);
+
+// Returns a new engine, or NULL when n_embd <= 0 or n_layer < 2.
+PYACTADD_API pyactadd_engine * pyactadd_engine_create(struct pyactadd_engine_params params);
+
+// Frees the engine. Free every context it is attached to first. NULL is a no-op.
+PYACTADD_API void pyactadd_engine_free(pyactadd_engine * engine);
+
+// Adds a steering tensor of n_rows x n_embd floats (row-major, copied) to l_out-<il>.
+// Several tensors may target the same layer; their rows add up.
+// Returns an id >= 0 for pyactadd_engine_remove(), or -1 when an argument is invalid
+// (il out of range, n_embd differs from the engine's, n_rows < 1, a NaN or inf value,
+// ALIGN_ALL with n_rows != 1, offset < 0); the engine is unchanged then.
+PYACTADD_API int32_t pyactadd_engine_add(
+        pyactadd_engine * engine,
+                int32_t   il,
+            const float * data,
+                int32_t   n_rows,
+                int32_t   n_embd,
+                int32_t   offset,
+     enum pyactadd_align   align);
+
+// Loads every direction tensor of a GGUF control-vector file (pyactadd's per-position
+// files and llama.cpp's 1-D files), scaled by coeff, aligned as the file says: rows
+// from position 0 for "front", row 0 at every position for "all" and for llama.cpp's
+// own 1-D files. A "back" file needs the prompt length: use pyactadd_engine_add().
+// Returns the number of tensors added, or -1 on any error (missing or malformed file,
+// a shape that does not fit the engine); the engine is unchanged then.
+PYACTADD_API int32_t pyactadd_engine_load_file(pyactadd_engine * engine, const char * path, float coeff);
+
+// Removes the tensor with this id. Returns 0, or -1 when no tensor has that id.
+PYACTADD_API int32_t pyactadd_engine_remove(pyactadd_engine * engine, int32_t id);
+
+// Removes every tensor. Attached contexts keep running, unsteered.
+PYACTADD_API void pyactadd_engine_clear(pyactadd_engine * engine);
+
+// Number of tensors held.
+PYACTADD_API int32_t pyactadd_engine_count(const pyactadd_engine * engine);
+
+// Switches the non-host (ggml-backend get/set) path on or off for host buffers too.
+PYACTADD_API void pyactadd_engine_set_force_device_copy(pyactadd_engine * engine, bool force);
+
+// Installs the engine as params->cb_eval with params->cb_eval_user_data = engine.
+// A callback already in params is chained: it is still called for every tensor and
+// its answers are honoured. Call before llama_init_from_model(). Returns 0, or -1
+// when params is NULL or the engine is already in params.
+PYACTADD_API int32_t pyactadd_engine_attach(pyactadd_engine * engine, struct llama_context_params * params);
+
+// The eval callback itself (user_data must be the engine), for applications that
+// dispatch several callbacks themselves.
+PYACTADD_API bool pyactadd_engine_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
+
+PYACTADD_API struct pyactadd_engine_stats pyactadd_engine_get_stats(const pyactadd_engine * engine);
+PYACTADD_API void pyactadd_engine_reset_stats(pyactadd_engine * engine);
+
+// The last error message, or "" when none. Valid until the next call on this engine.
+PYACTADD_API const char * pyactadd_engine_last_error(const pyactadd_engine * engine);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif // PYACTADD_H

@@ -1,0 +1,58 @@
+"""pyactadd: Activation Addition (ActAdd) steering for llama.cpp models.
+
+Pipeline: prompts → activations (PyTorch) → steering file (GGUF) → engine (C++, inside
+llama.cpp) → tokens.
+
+    import pyactadd
+    vector = pyactadd.extract("Love", "Hate", layers=6)        # SteeringVector, [P, n_embd] per layer
+    vector.save("love.gguf")
+    llm = pyactadd.load_llama(pyactadd.default_model_path())
+    with pyactadd.Steering.of(llm).steer([(vector, 5.0)]):
+        print(llm.create_completion("I hate you because", max_tokens=20)["choices"][0]["text"])
+
+Heavy modules (torch, transformers, llama_cpp) load on first use, so importing pyactadd
+and running ``pyactadd --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import EngineError, InputError, InstallError, ModelMismatchError, PyactaddError, SteeringFileError
+from .layers import check_layer, from_llama_index, to_llama_index
+from .vector import ModelFingerprint, SteeringVector
+
+_LAZY = {
+    "extract": ("extraction", "extract"),
+    "SinkRowWarning": ("extraction", "SinkRowWarning"),
+    "Steering": ("steering", "Steering"),
+    "load_llama": ("generate", "load_llama"),
+    "Sampling": ("generate", "Sampling"),
+    "run": ("generate", "run"),
+    "default_model_path": ("default_model", "default_model_path"),
+}
+
+__all__ = [
+    "EngineError",
+    "InputError",
+    "InstallError",
+    "ModelFingerprint",
+    "ModelMismatchError",
+    "PyactaddError",
+    "SteeringFileError",
+    "SteeringVector",
+    "check_layer",
+    "from_llama_index",
+    "to_llama_index",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pyactadd' has no attribute {name!r}")

@@ -1,0 +1,75 @@
+"""``pyactadd extract``: a prompt pair → a per-position steering file (the PyTorch stage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import main
+from .params import FiniteFloat, model_option
+
+
+@main.command("extract")
+@click.option("-p", "--positive", required=True, help="The prompt to steer towards, e.g. 'Love'.")
+@click.option("-n", "--negative", required=True, help="The prompt to steer away from, e.g. 'Hate'.")
+@click.option(
+    "-l",
+    "--layer",
+    "layers",
+    type=int,
+    multiple=True,
+    required=True,
+    help="Block-input layer L (the residual stream entering block L, 1..n_layer-1). Repeat for several layers.",
+)
+@click.option("-c", "--coeff", type=FiniteFloat(), default=1.0, show_default=True, help="Coefficient baked into the file.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="GGUF file to write.")
+@model_option
+@click.option("--pad", default=" ", show_default="' '", help="Single-token text that right-pads the shorter prompt.")
+@click.option(
+    "--anchor",
+    default="none",
+    show_default=True,
+    help="Token prepended to both prompts (and to the prompt at run time): 'none', 'bos', or a token such as '<|im_start|>'. "
+    "A shared first token keeps row 0 at zero, away from the attention sink.",
+)
+@click.option("--zero-row", "zero_rows", type=int, multiple=True, help="Set the steering row at this position to zero (repeatable).")
+@click.option("--zero-outliers", is_flag=True, help="Zero rows whose norm is far above the prompts' typical residual norm.")
+def extract_command(positive, negative, layers, coeff, output, model, pad, anchor, zero_rows, zero_outliers):
+    """Extract a steering tensor from a prompt pair and save it as GGUF.
+
+    Runs both prompts through the model in PyTorch, records the residual stream entering
+    each chosen block at every position, and writes COEFF x (positive - negative) as a
+    [positions x n_embd] tensor per layer. The first use of a GGUF model converts it to
+    PyTorch weights (20-60 s); later runs load them from the cache.
+
+    \b
+    Examples:
+      pyactadd extract -p Love -n Hate -l 6 -o love.gguf
+      pyactadd extract -p " weddings" -n " " -l 16 --anchor "<|im_start|>" -o weddings.gguf
+    """
+    from ..default_model import resolve_model
+    from ..extraction import extract
+
+    if output.suffix.lower() != ".gguf":
+        raise click.BadParameter(f"{output} should end in .gguf", param_hint="--output")
+    model_path = resolve_model(model)
+    vector = extract(
+        positive,
+        negative,
+        list(layers),
+        coeff=coeff,
+        model=model_path,
+        pad=pad,
+        anchor=anchor,
+        zero_rows=zero_rows,
+        zero_outliers=zero_outliers,
+        progress=True,
+    )
+    vector.save(output)
+    layers_text = ", ".join(str(layer) for layer in vector.layer_ids)
+    click.echo(
+        f"Wrote {output}: layer {layers_text}, {vector.n_positions} positions x {vector.n_embd}, coeff {coeff:g} "
+        f"({model_path.name})",
+        err=True,
+    )

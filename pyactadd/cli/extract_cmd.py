@@ -11,8 +11,25 @@ from .params import FiniteFloat, model_option
 
 
 @main.command("extract")
-@click.option("-p", "--positive", required=True, help="The prompt to steer towards, e.g. 'Love'.")
-@click.option("-n", "--negative", required=True, help="The prompt to steer away from, e.g. 'Hate'.")
+@click.option("-p", "--positive", default=None, help="The prompt to steer towards, e.g. 'Love'.")
+@click.option("-n", "--negative", default=None, help="The prompt to steer away from, e.g. 'Hate'.")
+@click.option(
+    "--pairs",
+    "pairs_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help='JSONL file of prompt pairs, one {"positive": ..., "negative": ...} per line (instead of -p/-n).',
+)
+@click.option(
+    "--method",
+    type=click.Choice(["actadd", "mean", "pca"]),
+    default=None,
+    help="With --pairs: actadd (per-position mean of padded differences), mean (mean last-token difference) "
+    "or pca (first principal component of the last-token differences, scaled to the mean difference along it). "
+    "Default: actadd.",
+)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True, help="With --pairs: pairs per forward pass.")
+@click.option("--pca-center", is_flag=True, help="With --method pca: center the differences first (repeng's pca_diff).")
 @click.option(
     "-l",
     "--layer",
@@ -35,24 +52,41 @@ from .params import FiniteFloat, model_option
 )
 @click.option("--zero-row", "zero_rows", type=int, multiple=True, help="Set the steering row at this position to zero (repeatable).")
 @click.option("--zero-outliers", is_flag=True, help="Zero rows whose norm is far above the prompts' typical residual norm.")
-def extract_command(positive, negative, layers, coeff, output, model, pad, anchor, zero_rows, zero_outliers):
-    """Extract a steering tensor from a prompt pair and save it as GGUF.
+def extract_command(
+    positive, negative, pairs_file, method, batch_size, pca_center, layers, coeff, output, model, pad, anchor, zero_rows, zero_outliers
+):
+    """Extract a steering tensor from a prompt pair (or many pairs) and save it as GGUF.
 
     Runs both prompts through the model in PyTorch, records the residual stream entering
     each chosen block at every position, and writes COEFF x (positive - negative) as a
     [positions x n_embd] tensor per layer. The first use of a GGUF model converts it to
     PyTorch weights (20-60 s); later runs load them from the cache.
 
+    With --pairs FILE.jsonl, many pairs go through the model in batches and --method
+    combines them: actadd averages the per-position differences (alignment front); mean
+    and pca read each prompt's last token and write one row per layer (alignment all,
+    which stock llama.cpp can load too).
+
     \b
     Examples:
       pyactadd extract -p Love -n Hate -l 6 -o love.gguf
       pyactadd extract -p " weddings" -n " " -l 16 --anchor "<|im_start|>" -o weddings.gguf
+      pyactadd extract --pairs happy.jsonl --method mean -l 6 -l 10 -l 14 -o happy.gguf
     """
     from ..default_model import resolve_model
     from ..extraction import extract
 
     if output.suffix.lower() != ".gguf":
         raise click.BadParameter(f"{output} should end in .gguf", param_hint="--output")
+    if pairs_file is not None:
+        if positive is not None or negative is not None:
+            raise click.UsageError("give either --pairs or -p/--positive with -n/--negative, not both")
+        _extract_pairs(pairs_file, method or "actadd", batch_size, pca_center, layers, coeff, output, model, pad, anchor, zero_rows, zero_outliers)
+        return
+    if positive is None or negative is None:
+        raise click.UsageError("give -p/--positive and -n/--negative (a prompt pair), or --pairs FILE.jsonl")
+    if method is not None or pca_center:
+        raise click.UsageError("--method and --pca-center apply to --pairs only")
     model_path = resolve_model(model)
     vector = extract(
         positive,
@@ -70,6 +104,36 @@ def extract_command(positive, negative, layers, coeff, output, model, pad, ancho
     layers_text = ", ".join(str(layer) for layer in vector.layer_ids)
     click.echo(
         f"Wrote {output}: layer {layers_text}, {vector.n_positions} positions x {vector.n_embd}, coeff {coeff:g} "
+        f"({model_path.name})",
+        err=True,
+    )
+
+
+def _extract_pairs(pairs_file, method, batch_size, pca_center, layers, coeff, output, model, pad, anchor, zero_rows, zero_outliers):
+    from ..default_model import resolve_model
+    from ..pairs import extract_pairs, load_pairs
+
+    pairs = load_pairs(pairs_file)
+    model_path = resolve_model(model)
+    vector = extract_pairs(
+        pairs,
+        list(layers),
+        method=method,
+        coeff=coeff,
+        model=model_path,
+        pad=pad,
+        anchor=anchor,
+        batch_size=batch_size,
+        pca_center=pca_center,
+        zero_rows=zero_rows,
+        zero_outliers=zero_outliers,
+        progress=True,
+    )
+    vector.save(output)
+    layers_text = ", ".join(str(layer) for layer in vector.layer_ids)
+    click.echo(
+        f"Wrote {output}: {method} over {len(pairs)} pairs, layer {layers_text}, {vector.n_positions} "
+        f"position{'s' if vector.n_positions != 1 else ''} x {vector.n_embd}, alignment {vector.alignment}, coeff {coeff:g} "
         f"({model_path.name})",
         err=True,
     )

@@ -179,7 +179,7 @@ class Steering:
             if not np.isfinite(coeff):
                 raise InputError(f"coefficient must be a finite number, got {coeff}")
             chosen = parse_alignment(align if align is not None else vector.alignment)
-            planned.append(Applied(vector, coeff, chosen, self._offset(vector, chosen, prompt_length, n_ctx)))
+            planned.append(Applied(vector, coeff, chosen, self.first_position(vector, chosen, prompt_length, n_ctx)))
         self._apply(planned, use_llama_cvec)
 
     def clear(self) -> None:
@@ -196,7 +196,12 @@ class Steering:
             self.clear()
 
     @staticmethod
-    def _offset(vector: SteeringVector, align: Alignment, prompt_length: int | None, n_ctx: int) -> int | None:
+    def first_position(vector: SteeringVector, align: Alignment, prompt_length: int | None, n_ctx: int) -> int | None:
+        """The position where ``vector``'s first row lands under ``align`` (``None`` for 'all').
+
+        Raises:
+            InputError: the alignment does not fit the vector, the prompt, or the context.
+        """
         n_rows = vector.n_positions
         if align == "all":
             if n_rows != 1:

@@ -1,0 +1,170 @@
+"""Throughput and latency of `pyactadd serve`: steered vs unsteered short completions.
+
+Starts a server on 127.0.0.1 (a port the OS picks) with one Love − Hate vector, then runs
+a load generator on loopback: C concurrent clients (keep-alive HTTP connections) send
+non-streaming /v1/completions requests. Three loads, interleaved over several rounds so
+background noise hits them alike:
+
+* unsteered: no ``steering`` field;
+* steered: every request steers with the vector (front alignment, 2 positions, layer 6);
+* mixed: requests alternate steered and unsteered, so the steering changes on every job.
+
+Prints requests/s, completion tokens/s and p50/p95 latency per load, and the steered /
+unsteered throughput ratio (target: at least 0.95).
+
+    python benchmarks/serve_bench.py
+    python benchmarks/serve_bench.py --concurrency 8 --requests 40 --rounds 3 --json serve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+PROMPTS = ["I hate you because", "The weather today is", "My favourite food is", "Yesterday I went to"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def load(url: str, kind: str, n_requests: int, concurrency: int, max_tokens: int, coeff: float) -> dict:
+    """Send ``n_requests`` of one kind from ``concurrency`` clients; return timings."""
+    parts = urlsplit(url)
+    lock = threading.Lock()
+    next_index = [0]
+    latencies: list[float] = []
+    tokens = [0]
+    errors: list[str] = []
+
+    def body(index: int) -> bytes:
+        request = {"prompt": PROMPTS[index % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
+        steered = kind == "steered" or (kind == "mixed" and index % 2 == 0)
+        if steered:
+            request["steering"] = [{"vector": "love", "coeff": coeff}]
+        return json.dumps(request).encode()
+
+    def client() -> None:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
+        try:
+            while True:
+                with lock:
+                    index = next_index[0]
+                    if index >= n_requests:
+                        return
+                    next_index[0] += 1
+                while True:
+                    started = time.perf_counter()
+                    connection.request("POST", "/v1/completions", body=body(index), headers={"Content-Type": "application/json"})
+                    response = connection.getresponse()
+                    data = response.read()
+                    if response.status == 503:  # queue full: back off as told
+                        time.sleep(min(float(response.getheader("Retry-After") or 1), 2.0))
+                        continue
+                    break
+                elapsed = time.perf_counter() - started
+                with lock:
+                    if response.status != 200:
+                        errors.append(f"{response.status}: {data[:200]!r}")
+                    else:
+                        latencies.append(elapsed)
+                        tokens[0] += json.loads(data)["usage"]["completion_tokens"]
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{kind}: {len(errors)} failed requests, e.g. {errors[0]}")
+    return {"wall_s": wall, "latencies": latencies, "tokens": tokens[0], "requests": len(latencies)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="GGUF model (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--requests", type=int, default=24, help="requests per load per round")
+    parser.add_argument("--concurrency", type=int, default=4, help="concurrent clients")
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--coeff", type=float, default=4.0)
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads in the server (default: its own)")
+    parser.add_argument("--prompt-cache", action="store_true", help="run the server with --prompt-cache")
+    parser.add_argument("--json", dest="json_out", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    from pyactadd.extraction import extract
+    from pyactadd.server.launcher import ServerProcess
+
+    kinds = ["unsteered", "steered", "mixed"]
+    results = {kind: {"wall_s": 0.0, "latencies": [], "tokens": 0, "requests": 0, "rounds_rps": []} for kind in kinds}
+    with tempfile.TemporaryDirectory() as folder:
+        extract("Love", "Hate", [6], model=args.model).save(Path(folder) / "love.gguf")
+        server_args = ["--vectors", folder, "--queue-size", str(max(8, args.concurrency * 2))]
+        if args.model:
+            server_args += ["--model", args.model]
+        if args.threads:
+            server_args += ["--threads", str(args.threads)]
+        if args.prompt_cache:
+            server_args.append("--prompt-cache")
+        with ServerProcess(*server_args) as server:
+            load(server.url, "mixed", 2 * args.concurrency, args.concurrency, args.max_tokens, args.coeff)  # warm-up
+            for round_index in range(args.rounds):
+                order = kinds[round_index % 3:] + kinds[: round_index % 3]
+                for kind in order:
+                    got = load(server.url, kind, args.requests, args.concurrency, args.max_tokens, args.coeff)
+                    total = results[kind]
+                    total["wall_s"] += got["wall_s"]
+                    total["latencies"] += got["latencies"]
+                    total["tokens"] += got["tokens"]
+                    total["requests"] += got["requests"]
+                    total["rounds_rps"].append(got["requests"] / got["wall_s"])
+                    print(f"round {round_index + 1}/{args.rounds} {kind:>9}: {got['requests'] / got['wall_s']:6.2f} req/s", file=sys.stderr)
+
+    summary = {}
+    for kind in kinds:
+        total = results[kind]
+        summary[kind] = {
+            "requests_per_s": total["requests"] / total["wall_s"],
+            "tokens_per_s": total["tokens"] / total["wall_s"],
+            "p50_ms": 1000 * statistics.median(total["latencies"]),
+            "p95_ms": 1000 * percentile(total["latencies"], 95),
+            "requests": total["requests"],
+            "median_round_requests_per_s": statistics.median(total["rounds_rps"]),
+        }
+    ratio = summary["steered"]["requests_per_s"] / summary["unsteered"]["requests_per_s"]
+    settings = {
+        "concurrency": args.concurrency, "max_tokens": args.max_tokens, "requests_per_round": args.requests,
+        "rounds": args.rounds, "coeff": args.coeff, "threads": args.threads, "prompt_cache": args.prompt_cache,
+    }
+    print(f"\npyactadd serve on loopback: {args.concurrency} clients, max_tokens {args.max_tokens}, temperature 0, "
+          f"{args.rounds} rounds x {args.requests} requests per load")
+    print(f"{'load':<10} {'req/s':>7} {'tok/s':>7} {'p50 ms':>8} {'p95 ms':>8}")
+    for kind in kinds:
+        row = summary[kind]
+        print(f"{kind:<10} {row['requests_per_s']:7.2f} {row['tokens_per_s']:7.1f} {row['p50_ms']:8.0f} {row['p95_ms']:8.0f}")
+    verdict = "meets" if ratio >= 0.95 else "MISSES"
+    print(f"steered / unsteered throughput: {ratio:.3f} ({verdict} the 0.95 target)")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"settings": settings, "results": summary, "steered_over_unsteered": ratio}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""``pyactadd serve``: an OpenAI-compatible HTTP server with per-request steering, and a playground page.
+
+One worker thread owns the model; requests queue in a bounded queue and are served one at
+a time, each with its own steering (vectors named in the request, loaded from
+``--vectors DIR`` or uploaded). Modules, one job each:
+
+* :mod:`.schemas`: request bodies and the JSON error shape.
+* :mod:`.registry`: the named vectors and whether each fits the model.
+* :mod:`.plan`: a request → prompt token ids + steering + sampling (the functions ``pyactadd run`` uses).
+* :mod:`.worker`: the queue and the thread that runs the model.
+* :mod:`.app`: the FastAPI application (routes, streaming, limits, API key).
+* :mod:`.launcher`: start a server in a subprocess and wait until it answers (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+from .app import ServerConfig, create_app
+from .registry import VectorEntry, VectorRegistry
+
+__all__ = ["ServerConfig", "VectorEntry", "VectorRegistry", "create_app"]

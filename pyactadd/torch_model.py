@@ -1,11 +1,13 @@
 """Loading a model into PyTorch for extraction, with a cache of GGUF models converted to float32.
 
 transformers can read a GGUF file directly, but it dequantizes every tensor and rebuilds
-the tokenizer and config in Python, which takes 20-60 s even for a small model. So the
-first load of a GGUF file saves the converted weights as a Hugging Face model directory
-(safetensors, float32) under ``<cache>/torch/<sha256[:16]>/``; later loads read that
-directory in well under a second. ``<cache>`` is ``$PYACTADD_CACHE_DIR``, else
-``$XDG_CACHE_HOME/pyactadd``, else ``~/.cache/pyactadd``.
+the tokenizer and config in Python, which takes 20-60 s even for a small model. Plain
+llama files (the default model among them) are converted by :mod:`pyactadd.gguf_weights`
+instead, bit-identically and in a few seconds; other architectures go through
+transformers. Either way the first load of a GGUF file saves the converted weights as a
+Hugging Face model directory (safetensors, float32) under ``<cache>/torch/<sha256[:16]>/``;
+later loads read that directory in well under a second. ``<cache>`` is
+``$PYACTADD_CACHE_DIR``, else ``$XDG_CACHE_HOME/pyactadd``, else ``~/.cache/pyactadd``.
 
 torch and transformers are imported inside the functions so ``import pyactadd`` stays fast.
 """
@@ -23,12 +25,14 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .errors import InputError
 
 if TYPE_CHECKING:
     import torch
+
+    from .gguf_weights import ConversionPlan
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +40,12 @@ CACHE_ENV = "PYACTADD_CACHE_DIR"
 _INDEX_FILE = "gguf-index.json"
 _DONE_FILE = "pyactadd-converted.json"  # written last inside the temp dir: its presence marks a complete entry
 _KEY_HEX = 16
+
+# Shown in the one-line 'Converting...' message.
+_TRANSFORMERS_ESTIMATE = "~30 s"
+# Parameters per second of the direct conversion (dequantize, copy, write safetensors):
+# the default 135M-parameter Q4_1 model took ~4 s on a busy 2-core machine.
+_DIRECT_RATE = 35e6
 
 _lock = threading.Lock()
 _last_loaded: tuple[tuple[str, int, int], object] | None = None
@@ -154,19 +164,58 @@ def _load_gguf(path: Path, stat: os.stat_result, *, progress: bool) -> torch.nn.
         except Exception as exc:  # a half-deleted or corrupt entry: convert again
             logger.warning("cached weights in %s are unreadable (%s); converting %s again", entry, exc, path.name)
     _discard(entry)
+    plan = _direct_plan(path)
     if progress:
+        estimate = _TRANSFORMERS_ESTIMATE if plan is None else _direct_estimate(plan)
         print(
-            f"Converting GGUF to PyTorch weights (once per model, ~30 s; cached in {entry})",
+            f"Converting GGUF to PyTorch weights (once per model, {estimate}; cached in {entry})",
             file=sys.stderr,
             flush=True,
         )
+    if plan is not None:
+        from . import llama_lite  # imports torch: after the message, which should come at once
+
+        # read_plan only writes configs llama_lite reproduces; this guards a stricter llama_lite.
+        if llama_lite.supports(plan.config):
+            return _convert_direct(plan, entry)
     model = _convert_gguf(path)
     try:
-        _write_entry(model, entry, source=path)
+        _write_entry(entry, source=path, save=lambda tmp: _save_pretrained(model, tmp))
     except OSError as exc:
         # The cache is an optimisation: a read-only or full disk must not stop extraction.
         logger.warning("could not cache converted weights in %s: %s", entry, exc)
     return model
+
+
+def _direct_estimate(plan: ConversionPlan) -> str:
+    return f"~{max(1, round(plan.n_parameters / _DIRECT_RATE))} s"
+
+
+def _direct_plan(path: Path) -> ConversionPlan | None:
+    """The transformers-free conversion plan for ``path``, or None when transformers must convert it."""
+    from . import gguf_weights
+
+    try:
+        return gguf_weights.read_plan(path)
+    except gguf_weights.Unsupported as exc:
+        logger.debug("converting %s with transformers: %s", path.name, exc)
+        return None
+
+
+def _convert_direct(plan: ConversionPlan, entry: Path) -> torch.nn.Module:
+    """Convert a plain llama GGUF without transformers, cache it, and return it as a LlamaLite model."""
+    from . import gguf_weights, llama_lite
+
+    try:
+        weights = gguf_weights.convert(plan)
+    except (OSError, ValueError, NotImplementedError) as exc:
+        raise InputError(f"cannot convert {plan.path.name} to PyTorch: {exc}") from None
+    try:
+        _write_entry(entry, source=plan.path, save=lambda tmp: gguf_weights.write_checkpoint(tmp, plan.config, weights))
+    except OSError as exc:
+        logger.warning("could not cache converted weights in %s: %s", entry, exc)
+    # The same tensors a warm load would read back from the entry, without reading them back.
+    return llama_lite.LlamaLite(weights, plan.config).eval()
 
 
 def _convert_gguf(path: Path) -> torch.nn.Module:
@@ -201,12 +250,17 @@ def _float32_kwargs() -> dict[str, object]:
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
 
 
-def _write_entry(model: torch.nn.Module, entry: Path, *, source: Path) -> None:
+def _save_pretrained(model: torch.nn.Module, directory: Path) -> None:
+    with _quiet_transformers():
+        model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def _write_entry(entry: Path, *, source: Path, save: Callable[[Path], None]) -> None:
+    """Create cache ``entry`` atomically: ``save`` fills a temporary directory that is then renamed."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
-        with _quiet_transformers():
-            model.save_pretrained(str(tmp), safe_serialization=True)
+        save(tmp)
         (tmp / _DONE_FILE).write_text(json.dumps({"source": str(source)}) + "\n", encoding="utf-8")
         try:
             os.rename(tmp, entry)

@@ -1,12 +1,24 @@
-"""Steered vs unsteered llama.cpp speed on the default model, measured in one run.
+"""pyactadd against the alternatives a user would pick, on the default model, in one run.
 
-    python benchmarks/run.py [--quick] [--json OUT] [--threads N]
+    python benchmarks/run.py [--quick] [--json OUT] [--threads N] [--skip-extract]
 
-Prints a markdown table of prefill and generation tokens/s for
-(a) unsteered, (b) llama.cpp's own control vector at every position, (c) pyactadd
-front-aligned per-position steering, with ratios against (a). Runs are interleaved and
-the median is reported, so a busy machine slows all variants alike. Targets (pipeline
-issue): (c)/(a) >= 0.97 for generation and >= 0.9 for prefill.
+Measures, with interleaved repeats and medians (a busy machine slows every variant alike):
+
+* generation and prefill tokens/s of (a) llama.cpp unsteered, (b) llama.cpp's own control
+  vector at every position, (c) pyactadd front-aligned per-position steering, (d) pyactadd
+  'all' alignment (which pyactadd hands to llama.cpp's control vector) and, for reference,
+  the same through the engine's callback, (e) transformers + a PyTorch forward pre-hook in
+  float32 (the paper's method, what repeng and steering-vectors do);
+* `pyactadd extract` wall time for one pair, cold (empty cache) and warm, the time per
+  extra layer, and the peak memory;
+* scaling: speed as the number of steered layers and steered positions grow, and prefill
+  time as the prompt grows, steered vs unsteered.
+
+Prints markdown tables; ``--json`` writes every number (keys include
+``generation_ratio_vs_unsteered``, ``prefill_ratio_vs_unsteered``,
+``generation_speedup_vs_torch_hooks``, ``extract_cold_s``, ``extract_warm_s``).
+Targets: (c)/(a) >= 0.97 generation, >= 0.9 prefill; (c)/(e) >= 5 generation; warm
+extraction <= 3 s, cold <= 30 s.
 """
 
 from __future__ import annotations
@@ -15,14 +27,20 @@ import argparse
 import json
 import os
 import platform
+import resource
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from pyactadd.default_model import default_model_path  # noqa: E402
 from pyactadd.generate import load_llama  # noqa: E402
@@ -35,30 +53,22 @@ TEXT = (
 )
 
 
-def variants(steering: Steering, layer: int, n_rows: int) -> dict[str, object]:
-    """The steering configurations to compare, as callables that put them in force."""
-    fp = steering.fingerprint
-    rng = np.random.default_rng(0)
-    rows = rng.standard_normal((n_rows, fp.n_embd)).astype(np.float32)
-    one_row = rows[:1].copy()
-    front = SteeringVector(layers={layer: rows}, fingerprint=fp, alignment="front")
-    everywhere = SteeringVector(layers={layer: one_row}, fingerprint=fp, alignment="all")
-    return {
-        "unsteered": lambda: steering.clear(),
-        "llama.cpp cvec (all positions)": lambda: steering.set([(everywhere, 1.0)]),
-        "pyactadd front": lambda: steering.set([(front, 1.0)]),
-    }
+def median_rate(samples: list[float]) -> float:
+    return statistics.median(samples)
 
 
-def time_prefill(llama, ids) -> float:
+# --- llama.cpp side ----------------------------------------------------------------------
+
+
+def prefill_rate(llama, ids) -> float:
     llama.reset()
     start = time.perf_counter()
     llama.eval(ids)
     return len(ids) / (time.perf_counter() - start)
 
 
-def time_generation(llama, ids, n_gen: int) -> float:
-    """Tokens/s of single-token decoding after the prompt (fixed tokens: sampling is not measured)."""
+def generation_rate(llama, ids, n_gen: int) -> float:
+    """Tokens/s of one-token decoding after the prompt (fixed tokens: sampling is not measured)."""
     llama.reset()
     llama.eval(ids)
     follow = ids[:n_gen]
@@ -68,71 +78,273 @@ def time_generation(llama, ids, n_gen: int) -> float:
     return len(follow) / (time.perf_counter() - start)
 
 
+def reset_steering(llama) -> None:
+    """No steering at all: pyactadd's cleared (where attached), llama.cpp's cvec off."""
+    import llama_cpp
+
+    if llama in ATTACHED:
+        Steering.of(llama).clear()
+    llama_cpp.llama_set_adapter_cvec(llama.ctx, None, 0, llama.n_embd(), -1, -1)
+
+
+ATTACHED: list = []  # Llamas with pyactadd's engine; the others are llama-cpp-python untouched
+
+
+def random_vector(fp, layers: list[int], n_rows: int, alignment: str, seed: int = 0) -> SteeringVector:
+    rng = np.random.default_rng(seed)
+    rows = {layer: rng.standard_normal((n_rows, fp.n_embd)).astype(np.float32) for layer in layers}
+    return SteeringVector(layers=rows, fingerprint=fp, alignment=alignment)
+
+
+def measure(configs: dict[str, tuple[object, Callable[[], None]]], ids, n_gen: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Prefill and generation tokens/s per configuration ``name -> (llama, apply)``, runs interleaved.
+
+    Each round runs every configuration once; a configuration's ratio to the first one is
+    the median of its per-round ratios, so a slow spell of a shared machine hits both
+    sides of a ratio alike.
+    """
+    prefill: dict[str, list[float]] = {name: [] for name in configs}
+    generation: dict[str, list[float]] = {name: [] for name in configs}
+    for llama, apply in configs.values():  # warm-up: graph allocation, page cache
+        reset_steering(llama)
+        apply()
+        prefill_rate(llama, ids[:32])
+    for _ in range(repeats):
+        for name, (llama, apply) in configs.items():
+            reset_steering(llama)
+            apply()
+            prefill[name].append(prefill_rate(llama, ids))
+            if n_gen:
+                generation[name].append(generation_rate(llama, ids, n_gen))
+    for llama, _ in configs.values():
+        reset_steering(llama)
+    base = next(iter(configs))
+    out = {}
+    for name in configs:
+        r = {"prefill_tok_s": median_rate(prefill[name]), "prefill_ratio": median_rate([a / b for a, b in zip(prefill[name], prefill[base])])}
+        if n_gen:
+            r["generation_tok_s"] = median_rate(generation[name])
+            r["generation_ratio"] = median_rate([a / b for a, b in zip(generation[name], generation[base])])
+        out[name] = r
+    return out
+
+
+# --- PyTorch hooks (the paper's method) ----------------------------------------------------
+
+
+def torch_hook_rates(rows: np.ndarray, layer: int, ids: list[int], n_gen: int, repeats: int, threads: int) -> dict[str, float]:
+    """Prefill and generation tokens/s of transformers with a forward pre-hook adding ``rows`` at the front."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pyactadd import torch_model
+
+    torch.set_num_threads(threads)
+    torch_model.load_torch_model(default_model_path(), progress=False)  # ensures the converted cache exists
+    entry = next(p for p in (torch_model.cache_root() / "torch").iterdir() if json.loads((p / "config.json").read_text())["model_type"] == "llama")
+    model = AutoModelForCausalLM.from_pretrained(str(entry), dtype=torch.float32).eval()
+    add = torch.from_numpy(rows)
+
+    def pre_hook(module, args, kwargs):
+        # The prompt is prefilled from position 0 and is longer than the rows, so rows go
+        # only into the prefill; generated tokens (past the rows) pass through unchanged,
+        # but the hook still runs for each of them, as in hook-based steering libraries.
+        hidden = args[0]
+        if hidden.shape[1] == 1:
+            return None
+        hidden = hidden.clone()
+        hidden[:, : add.shape[0]] += add
+        return (hidden, *args[1:]), kwargs
+
+    handle = model.model.layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    prefill, generation = [], []
+    input_ids = torch.tensor([ids])
+    try:
+        with torch.inference_mode():
+            model(input_ids=input_ids[:, :16], use_cache=False)  # warm-up
+            for _ in range(repeats):
+                start = time.perf_counter()
+                out = model(input_ids=input_ids, use_cache=True)
+                prefill.append(len(ids) / (time.perf_counter() - start))
+                past = out.past_key_values
+                token = input_ids[:, -1:]
+                start = time.perf_counter()
+                for _ in range(n_gen):
+                    out = model(input_ids=token, past_key_values=past, use_cache=True)
+                    past = out.past_key_values
+                    token = out.logits[:, -1:].argmax(-1)
+                generation.append(n_gen / (time.perf_counter() - start))
+    finally:
+        handle.remove()
+    return {"prefill_tok_s": median_rate(prefill), "generation_tok_s": median_rate(generation)}
+
+
+# --- extraction ----------------------------------------------------------------------------
+
+
+def time_extract(args: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one `pyactadd extract` process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        # The console script as users run it (start-up included), else the module.
+        launcher = [shutil.which("pyactadd")] if shutil.which("pyactadd") else [sys.executable, "-m", "pyactadd"]
+        cmd = [*launcher, "extract", *args, "-o", str(Path(tmp) / "v.gguf")]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, max(peak, before) / 1024
+
+
+def extraction_numbers(n_layer: int, repeats: int) -> dict[str, float]:
+    pair = ["-p", "Love", "-n", "Hate"]
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "PYACTADD_CACHE_DIR": cache}
+        cold, cold_peak = time_extract([*pair, "-l", "6"], env)
+        warm = [time_extract([*pair, "-l", "6"], env) for _ in range(repeats)]
+        many_layers = [f"-l{layer}" for layer in range(1, n_layer)]
+        warm_all = [time_extract([*pair, *many_layers], env)[0] for _ in range(repeats)]
+    warm_s = statistics.median(w for w, _ in warm)
+    return {
+        "extract_cold_s": cold,
+        "extract_warm_s": warm_s,
+        "extract_warm_all_layers_s": statistics.median(warm_all),
+        # One forward pass records every block input, so an extra layer costs only its rows.
+        "extract_per_extra_layer_s": (statistics.median(warm_all) - warm_s) / (n_layer - 2),
+        "extract_peak_mib_cold": cold_peak,
+        "extract_peak_mib_warm": max(p for _, p in warm),
+    }
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
-    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes (a smoke run)")
+    parser.add_argument("--json", type=Path, help="write every number as JSON here")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--layer", type=int, default=6)
-    parser.add_argument("--rows", type=int, default=8, help="steered positions P of the front vector")
+    parser.add_argument("--skip-extract", action="store_true", help="skip the extraction timings")
     args = parser.parse_args()
 
     repeats = 3 if args.quick else 7
-    n_prompt = 128 if args.quick else 256
-    n_gen = 32 if args.quick else 64
+    n_prompt, n_gen = (128, 32) if args.quick else (256, 64)
+    layer, n_rows = 6, 8
 
-    llama = load_llama(default_model_path(), n_ctx=1024, n_threads=args.threads)
+    # (a) and (b) run on llama-cpp-python as users have it, without pyactadd's callback;
+    # (c) and (d) on a second Llama of the same model with the engine attached.
+    plain = load_llama(default_model_path(), n_ctx=4096, n_threads=args.threads)
+    llama = load_llama(default_model_path(), n_ctx=4096, n_threads=args.threads)
     steering = Steering.of(llama)
-    ids = llama.tokenize((TEXT * 20).encode(), add_bos=True, special=True)[:n_prompt]
-    configs = variants(steering, args.layer, args.rows)
+    ATTACHED.append(llama)
+    fp = steering.fingerprint
+    all_ids = llama.tokenize((TEXT * 120).encode(), add_bos=True, special=True)
+    ids = all_ids[:n_prompt]
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, Python {platform.python_version()}"
+    report: dict[str, object] = {"machine": machine, "prompt_tokens": n_prompt, "generated_tokens": n_gen, "repeats": repeats}
+    out = []
 
-    prefill: dict[str, list[float]] = {name: [] for name in configs}
-    generation: dict[str, list[float]] = {name: [] for name in configs}
-    for name, apply in configs.items():  # warm-up
-        apply()
-        time_prefill(llama, ids)
-    for _ in range(repeats):
-        for name, apply in configs.items():
-            apply()
-            prefill[name].append(time_prefill(llama, ids))
-            generation[name].append(time_generation(llama, ids, n_gen))
-    steering.clear()
+    front = random_vector(fp, [layer], n_rows, "front")
+    one_row = random_vector(fp, [layer], 1, "all")
+    nothing = lambda: None  # noqa: E731
+    main_configs = {
+        "(a) llama.cpp unsteered": (plain, nothing),
+        "(b) llama.cpp control vector, every position": (plain, lambda: llama_cvec(plain, fp, layer, one_row.layers[layer][0])),
+        "(c) pyactadd front, P=8": (llama, lambda: steering.set([(front, 1.0)])),
+        "(d) pyactadd all (llama.cpp cvec)": (llama, lambda: steering.set([(one_row, 1.0)])),
+        "(d') pyactadd all through the engine": (llama, lambda: steering.set([(one_row, 1.0)], use_llama_cvec=False)),
+        "(a') pyactadd attached, nothing set": (llama, steering.clear),
+    }
+    results = measure(main_configs, ids, n_gen, repeats)
+    torch_rates = torch_hook_rates(front.layers[layer], layer, ids, n_gen, max(2, repeats // 2), args.threads)
+    base = results["(a) llama.cpp unsteered"]
+    torch_rates["prefill_ratio"] = torch_rates["prefill_tok_s"] / base["prefill_tok_s"]
+    torch_rates["generation_ratio"] = torch_rates["generation_tok_s"] / base["generation_tok_s"]
+    results["(e) transformers + PyTorch pre-hook (float32)"] = torch_rates
+    rows = [
+        [name, f"{r['prefill_tok_s']:.0f}", f"{r['prefill_ratio']:.3f}", f"{r['generation_tok_s']:.1f}", f"{r['generation_ratio']:.3f}"]
+        for name, r in results.items()
+    ]
+    out.append(table(
+        f"Speed (prompt {n_prompt} tokens, {n_gen} generated; tok/s: median of {repeats}; vs (a): median of per-round ratios)",
+        ["variant", "prefill tok/s", "vs (a)", "generation tok/s", "vs (a)"], rows,
+    ))
+    c = results["(c) pyactadd front, P=8"]
+    report["variants"] = results
+    report["generation_ratio_vs_unsteered"] = c["generation_ratio"]
+    report["prefill_ratio_vs_unsteered"] = c["prefill_ratio"]
+    report["generation_speedup_vs_torch_hooks"] = c["generation_tok_s"] / torch_rates["generation_tok_s"]
+    report["prefill_speedup_vs_torch_hooks"] = c["prefill_tok_s"] / torch_rates["prefill_tok_s"]
 
-    base_p = statistics.median(prefill["unsteered"])
-    base_g = statistics.median(generation["unsteered"])
-    rows = []
-    for name in configs:
-        p, g = statistics.median(prefill[name]), statistics.median(generation[name])
-        rows.append({"variant": name, "prefill_tok_s": p, "generation_tok_s": g, "prefill_ratio": p / base_p, "generation_ratio": g / base_g})
+    # Scaling with steered layers and positions (all on the attached Llama, against it unsteered).
+    scale_configs: dict[str, tuple[object, Callable[[], None]]] = {"unsteered (plain llama.cpp)": (plain, nothing)}
+    for n_layers in (1, 4, fp.n_layer - 1):
+        v = random_vector(fp, list(range(1, 1 + n_layers)), n_rows, "front")
+        scale_configs[f"front P={n_rows}, {n_layers} layers"] = (llama, lambda v=v: steering.set([(v, 1.0)]))
+    for n_pos in (1, 64):
+        v = random_vector(fp, [layer], n_pos, "front")
+        scale_configs[f"front P={n_pos}, 1 layer"] = (llama, lambda v=v: steering.set([(v, 1.0)]))
+    scale = measure(scale_configs, ids, n_gen, max(3, repeats // 2))
+    out.append(table("Scaling: steered layers and positions", ["variant", "prefill tok/s", "vs unsteered", "generation tok/s", "vs unsteered"], [
+        [name, f"{r['prefill_tok_s']:.0f}", f"{r['prefill_ratio']:.3f}", f"{r['generation_tok_s']:.1f}", f"{r['generation_ratio']:.3f}"]
+        for name, r in scale.items()
+    ]))
+    report["scaling_layers_positions"] = scale
 
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, {platform.python_version()}"
-    print(f"Default model, prompt {len(ids)} tokens, {n_gen} generated, median of {repeats} ({machine})\n")
-    print("| variant | prefill tok/s | ratio | generation tok/s | ratio |")
-    print("|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['prefill_tok_s']:.1f} | {r['prefill_ratio']:.3f} | {r['generation_tok_s']:.1f} | {r['generation_ratio']:.3f} |")
-    front = rows[-1]
+    # Prefill time as the prompt grows.
+    lengths = (64, 256, 1024) if args.quick else (64, 256, 1024, 2048)
+    prompt_rows = []
+    report["prefill_by_length"] = {}
+    for length in lengths:
+        configs = {"unsteered": (plain, nothing), "front": (llama, lambda: steering.set([(front, 1.0)]))}
+        r = measure(configs, all_ids[:length], 0, max(3, repeats // 2))
+        u, s = length / r["unsteered"]["prefill_tok_s"], length / r["front"]["prefill_tok_s"]
+        prompt_rows.append([str(length), f"{u * 1000:.0f}", f"{s * 1000:.0f}", f"{r['front']['prefill_ratio']:.3f}"])
+        report["prefill_by_length"][length] = {"unsteered_s": u, "steered_s": s, "ratio": r["front"]["prefill_ratio"]}
+    out.append(table("Prefill time by prompt length (front, P=8)", ["prompt tokens", "unsteered ms", "steered ms", "speed ratio"], prompt_rows))
+
+    if not args.skip_extract:
+        ext = extraction_numbers(fp.n_layer, 3 if args.quick else 5)
+        report.update(ext)
+        out.append(table("pyactadd extract (one pair, whole process)", ["measure", "value"], [
+            ["cold (empty cache: GGUF → PyTorch conversion)", f"{ext['extract_cold_s']:.1f} s"],
+            ["warm (cached weights)", f"{ext['extract_warm_s']:.2f} s"],
+            [f"warm, all {fp.n_layer - 1} layers in one file", f"{ext['extract_warm_all_layers_s']:.2f} s"],
+            ["per extra layer", f"{ext['extract_per_extra_layer_s'] * 1000:.0f} ms"],
+            ["peak memory cold / warm", f"{ext['extract_peak_mib_cold']:.0f} / {ext['extract_peak_mib_warm']:.0f} MiB"],
+        ]))
+
+    print(f"Default model (SmolLM2-135M-Instruct Q4_1) on {machine}\n")
+    print("\n".join(out))
     print(
-        f"\nfront vs unsteered: generation {front['generation_ratio']:.3f} (target >= 0.97), "
-        f"prefill {front['prefill_ratio']:.3f} (target >= 0.9)"
+        f"Targets: generation (c)/(a) = {report['generation_ratio_vs_unsteered']:.3f} (>= 0.97), "
+        f"prefill (c)/(a) = {report['prefill_ratio_vs_unsteered']:.3f} (>= 0.9), "
+        f"(c)/(e) generation = {report['generation_speedup_vs_torch_hooks']:.1f}x (>= 5)"
+        + (f", warm extract {report['extract_warm_s']:.2f} s (<= 3), cold {report['extract_cold_s']:.1f} s (<= 30)" if "extract_warm_s" in report else "")
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "machine": machine,
-                    "prompt_tokens": len(ids),
-                    "generated_tokens": n_gen,
-                    "repeats": repeats,
-                    "variants": rows,
-                    "generation_ratio_vs_unsteered": front["generation_ratio"],
-                    "prefill_ratio_vs_unsteered": front["prefill_ratio"],
-                },
-                indent=2,
-            )
-        )
+        args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
     return 0
+
+
+def llama_cvec(llama, fp, layer: int, row: np.ndarray) -> None:
+    """llama.cpp's own control vector (what `llama-cli --control-vector` does), bypassing pyactadd."""
+    import ctypes
+
+    import llama_cpp
+
+    buf = np.zeros((fp.n_layer - 1, fp.n_embd), dtype=np.float32)
+    buf[layer - 2] = row  # block input `layer` is l_out-(layer-1), slot (layer-1)-1 of the buffer
+    data = buf.reshape(-1)
+    llama_cpp.llama_set_adapter_cvec(llama.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), data.size, fp.n_embd, 1, fp.n_layer - 1)
+    llama.reset()
 
 
 if __name__ == "__main__":

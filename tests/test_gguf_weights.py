@@ -17,6 +17,7 @@ import torch
 
 from pyactadd import gguf_weights, torch_model
 from pyactadd.llama_lite import LlamaLite
+from forward_check import assert_same_forward
 
 
 def _entry_dir(root: Path, model_path: Path) -> Path:
@@ -97,15 +98,7 @@ def test_config_equals_transformers_conversion(transformers_conversion, direct_c
 def test_hidden_states_equal_transformers(transformers_conversion, direct_conversion):
     lite = LlamaLite.from_dir(direct_conversion[0])
     reference = transformers_conversion[1]
-    ids = torch.tensor([[504, 2365, 6354, 16438, 30, 253, 1535, 1029, 30, 5, 9, 1, 2, 3, 99], list(range(1, 16))])
-    with torch.inference_mode():
-        ours = lite(input_ids=ids, output_hidden_states=True)
-        theirs = reference(input_ids=ids, output_hidden_states=True, use_cache=False)
-    assert len(ours.hidden_states) == len(theirs.hidden_states) == 31
-    for layer, (a, b) in enumerate(zip(ours.hidden_states, theirs.hidden_states)):
-        # Same weights, same float32 operations (see test_llama_lite): measured 0.0.
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), layer
-    assert torch.allclose(ours.logits, theirs.logits, rtol=1e-5, atol=1e-4)
+    assert_same_forward(lite, reference)
 
 
 def test_direct_entry_loads_in_transformers(direct_conversion):

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from pyactadd.llama_lite import LlamaLite, supports
 from pyactadd.torch_model import load_torch_model
+from forward_check import assert_same_forward
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +27,7 @@ def cache_entry(default_model_path):
 def test_every_hidden_state_equals_transformers(cache_entry):
     lite = LlamaLite.from_dir(cache_entry)
     reference = AutoModelForCausalLM.from_pretrained(str(cache_entry), dtype=torch.float32).eval()
-    ids = torch.tensor([[504, 2365, 6354, 16438, 30, 253, 1535, 1029, 30, 5, 9, 1, 2, 3, 99], list(range(1, 16))])
-    with torch.inference_mode():
-        ours = lite(input_ids=ids, output_hidden_states=True)
-        theirs = reference(input_ids=ids, output_hidden_states=True, use_cache=False)
-    assert len(ours.hidden_states) == len(theirs.hidden_states) == 31
-    for layer, (a, b) in enumerate(zip(ours.hidden_states, theirs.hidden_states)):
-        # Measured 0.0: the same float32 operations in the same order.
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), layer
-    assert torch.allclose(ours.logits, theirs.logits, rtol=1e-5, atol=1e-4)
+    assert_same_forward(lite, reference)
 
 
 def test_default_model_loads_without_transformers(default_model_path, cache_entry):

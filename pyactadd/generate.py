@@ -7,15 +7,19 @@ steering.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import InputError
 from .native import llama_cpp_module
 from .steering import Alignment, Steering
 from .vector import SteeringVector
+
+if TYPE_CHECKING:
+    from .rpc import Placement
 
 
 @dataclass(frozen=True)
@@ -32,11 +36,21 @@ class Sampling:
         return asdict(self)
 
 
-def load_llama(model_path: str | os.PathLike, *, n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512):
+def load_llama(
+    model_path: str | os.PathLike,
+    *,
+    n_ctx: int = 2048,
+    n_threads: int | None = None,
+    n_batch: int = 512,
+    placement: "Placement | None" = None,
+):
     """Load a GGUF model into llama.cpp with a steering engine attached.
 
+    ``placement`` puts the model's layers on llama.cpp RPC workers (``pyactadd worker``)
+    instead of this process; steering works the same either way.
+
     Raises:
-        InputError: the file is missing or llama.cpp cannot load it.
+        InputError: the file is missing, llama.cpp cannot load it, or a worker is not reachable.
     """
     lc = llama_cpp_module()
     path = Path(model_path)
@@ -44,15 +58,24 @@ def load_llama(model_path: str | os.PathLike, *, n_ctx: int = 2048, n_threads: i
         raise InputError(f"no such model file: {path}")
     if n_ctx < 16:
         raise InputError(f"--n-ctx must be at least 16, got {n_ctx}")
+    kwargs = dict(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_ubatch=n_batch,
+        n_threads=n_threads or max(1, min(os.cpu_count() or 1, 8)),
+        verbose=False,
+    )
+    devices = contextlib.nullcontext()
+    if placement is not None:
+        from . import rpc
+
+        per_worker = rpc.worker_devices(placement.endpoints)
+        kwargs.update(placement.llama_kwargs([len(d) for d in per_worker]))
+        devices = rpc.model_devices([d for worker in per_worker for d in worker])
     try:
-        llama = lc.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_batch=n_batch,
-            n_ubatch=n_batch,
-            n_threads=n_threads or max(1, min(os.cpu_count() or 1, 8)),
-            verbose=False,
-        )
+        with devices:
+            llama = lc.Llama(**kwargs)
     except (ValueError, RuntimeError) as exc:
         raise InputError(f"llama.cpp cannot load {path}: {exc}; is it a GGUF model file?") from None
     Steering.of(llama)

@@ -30,3 +30,17 @@ def torch_model(default_model_path):
     from pyactadd.torch_model import load_torch_model
 
     return load_torch_model(default_model_path, progress=False)
+
+
+@pytest.fixture(scope="session")
+def inprocess_rpc_workers():
+    """Two workers for models loaded inside the test process.
+
+    ggml-rpc keeps a connection per worker for the life of the process and a worker
+    serves one client at a time, so subprocess tests must use workers of their own.
+    They are not stopped here: models still alive in this process free their RPC buffers
+    as it exits, so the workers end with it (LocalWorkers ties them to their parent).
+    """
+    from pyactadd.rpc_launcher import LocalWorkers
+
+    return LocalWorkers(2)

@@ -141,7 +141,7 @@ def test_extract_refuses_non_gguf_output(workdir):
 
 
 def test_help_has_examples():
-    for command in ("extract", "run"):
+    for command in ("extract", "run", "serve", "worker"):
         result = invoke(command, "--help")
         assert result.exit_code == 0
         assert "Examples:" in result.output

@@ -1,6 +1,9 @@
 """The engine against llama.cpp's own control-vector mechanism (the independent reference).
 
-Real default model, real llama.cpp, real C++ engine. Reference runs use
+Real default model, real llama.cpp, real C++ engine, each test twice: with the model in
+this process, and with all its layers on two `pyactadd worker` processes (llama.cpp's
+RPC backend), where every layer output lives in an RPC buffer and the engine takes its
+non-host path for real. Reference runs use
 ``llama_set_adapter_cvec``, which adds one vector to ``l_out-<il>`` at every position;
 feeding tokens one at a time with the cvec set to each position's row gives the
 per-position reference for front alignment.
@@ -23,8 +26,8 @@ PROMPT = "The quick brown fox jumps over the lazy dog while the farmer watches f
 LAYER = 6  # block input 6 = l_out-5
 
 
-def make_llama(n_ubatch: int = 512) -> llama_cpp.Llama:
-    return llama_cpp.Llama(
+def make_llama(n_ubatch: int = 512, workers=None) -> llama_cpp.Llama:
+    kwargs = dict(
         model_path=str(default_model_path()),
         n_ctx=256,
         n_batch=512,
@@ -33,11 +36,25 @@ def make_llama(n_ubatch: int = 512) -> llama_cpp.Llama:
         logits_all=True,
         verbose=False,
     )
+    if workers is None:
+        return llama_cpp.Llama(**kwargs)
+    from pyactadd import rpc
+
+    placement = rpc.Placement(tuple(workers.endpoints))
+    per_worker = rpc.worker_devices(placement.endpoints)
+    with rpc.model_devices([d for devices in per_worker for d in devices]):
+        return llama_cpp.Llama(**kwargs, **placement.llama_kwargs([len(d) for d in per_worker]))
+
+
+@pytest.fixture(scope="module", params=["local", "rpc"])
+def where(request):
+    """``local``, or the RpcWorkers holding every layer."""
+    return request.getfixturevalue("inprocess_rpc_workers") if request.param == "rpc" else None
 
 
 @pytest.fixture(scope="module")
-def llama():
-    return make_llama()
+def llama(where):
+    return make_llama(workers=where)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +110,7 @@ def reference_front(llama, ids, rows: np.ndarray, il: int, fp: ModelFingerprint)
 
 
 @pytest.mark.parametrize("force_device_copy", [False, True], ids=["host", "device-path"])
-def test_all_positions_matches_llama_cvec(llama, steering, fingerprint, force_device_copy):
+def test_all_positions_matches_llama_cvec(llama, steering, fingerprint, force_device_copy, where):
     ids = llama.tokenize(PROMPT.encode(), add_bos=True, special=True)
     vector = random_vector(fingerprint, 1)
     il = LAYER - 1
@@ -118,11 +135,11 @@ def test_all_positions_matches_llama_cvec(llama, steering, fingerprint, force_de
     assert np.abs(got - expected).max() <= 1e-4
     assert stats["n_rows_added"] == len(ids)
     assert stats["n_errors"] == 0
-    assert (stats["n_device_copies"] > 0) == force_device_copy
+    assert (stats["n_device_copies"] > 0) == (force_device_copy or where is not None)
 
 
 @pytest.mark.parametrize("force_device_copy", [False, True], ids=["host", "device-path"])
-def test_front_rows_match_per_position_cvec(llama, steering, fingerprint, force_device_copy):
+def test_front_rows_match_per_position_cvec(llama, steering, fingerprint, force_device_copy, where):
     ids = llama.tokenize(PROMPT.encode(), add_bos=True, special=True)
     vector = random_vector(fingerprint, 2, seed=1)
     expected = reference_front(llama, ids, vector.layers[LAYER], LAYER - 1, fingerprint)
@@ -143,7 +160,7 @@ def test_front_rows_match_per_position_cvec(llama, steering, fingerprint, force_
     assert np.abs(got - expected).max() <= 1e-4
     assert stats["n_rows_added"] == 2
     assert stats["n_layer_outputs_steered"] == 1
-    assert (stats["n_device_copies"] > 0) == force_device_copy
+    assert (stats["n_device_copies"] > 0) == (force_device_copy or where is not None)
 
 
 def test_many_rows_one_token_at_a_time(llama, steering, fingerprint):
@@ -190,10 +207,10 @@ def test_generation_after_steered_span_asks_for_nothing(llama, steering, fingerp
 
 
 @pytest.mark.parametrize("force_device_copy", [False, True], ids=["host", "device-path"])
-def test_several_micro_batches(fingerprint, force_device_copy):
+def test_several_micro_batches(fingerprint, force_device_copy, where):
     """A prompt longer than n_ubatch, with rows spanning a micro-batch boundary and an offset."""
-    small = make_llama(n_ubatch=8)
-    big = make_llama(n_ubatch=512)
+    small = make_llama(n_ubatch=8, workers=where)
+    big = make_llama(n_ubatch=512, workers=where)
     ids = small.tokenize((PROMPT + " " + PROMPT).encode(), add_bos=True, special=True)
     assert len(ids) > 3 * 8
     vector = random_vector(fingerprint, 12, seed=2)

@@ -105,6 +105,12 @@ struct pyactadd_engine {
     bool chained_asked = false;
 
     std::vector<int32_t> positions; // positions of the current micro-batch
+    // Positions are the same for every layer of a graph, and on the non-host path (RPC,
+    // CUDA, Metal) each read is a round trip, so they are read once per graph. The
+    // callback sees l_out-0, l_out-1, ... in order, so a layer index that does not
+    // exceed the last one seen means a new graph.
+    bool positions_valid = false;
+    int32_t last_il_seen = -1;
     std::vector<float> scratch;     // host copy of a layer output for the non-host path
 
     pyactadd_engine_stats stats = {};
@@ -123,6 +129,9 @@ struct pyactadd_engine {
 
     // Reads the positions of the current micro-batch into `positions`.
     bool read_positions(int64_t n_tokens) {
+        if (positions_valid && (int64_t) positions.size() == n_tokens) {
+            return true;
+        }
         const ggml_tensor * p = positions_input;
         if (p == nullptr || p->buffer == nullptr || ggml_nelements(p) < n_tokens) {
             fail("positions input (inp_pos) not found for this graph; is this a model llama.cpp builds with positions?");
@@ -135,6 +144,7 @@ struct pyactadd_engine {
             ggml_backend_tensor_get(p, positions.data(), 0, n_tokens * sizeof(int32_t));
             stats.n_device_copies++;
         }
+        positions_valid = true;
         return true;
     }
 
@@ -227,6 +237,12 @@ struct pyactadd_engine {
                 }
             }
             const int32_t il = layer_output_index(t->name);
+            if (il >= 0) {
+                if (il <= last_il_seen) {
+                    positions_valid = false;
+                }
+                last_il_seen = il;
+            }
             asked_node = t;
             we_asked = il >= 0 && wants(il, t);
             chained_asked = chained_cb != nullptr && chained_cb(t, true, chained_user_data);

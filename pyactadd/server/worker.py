@@ -52,6 +52,14 @@ class Event:
     error: ApiError | None = None
 
 
+class BackendLost(Exception):
+    """The model's backend is gone for good (an RPC worker died mid-graph); ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class QueueFull(Exception):
     """The queue is full; ``retry_after`` is a suggested wait in seconds."""
 
@@ -102,6 +110,7 @@ class Worker:
         self._key: tuple | None = None  # steering in force; None: unknown, set it afresh
         self._running: Job | None = None
         self._stopping = False
+        self.lost: str | None = None  # set by lose_backend(); the model cannot be used again
         self._durations: deque[float] = deque(maxlen=32)
         self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0, "steering_changes": 0}
 
@@ -113,13 +122,7 @@ class Worker:
     def stop(self, timeout: float = 10.0) -> None:
         """Refuse new jobs, fail the queued ones, stop the running one and join the thread."""
         self._stopping = True
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.emit(Event("error", error=ApiError(503, "the server is shutting down", code="shutting_down")))
+        self._fail_queued(ApiError(503, "the server is shutting down", code="shutting_down"))
         running = self._running
         if running is not None:
             running.cancel()
@@ -130,10 +133,36 @@ class Worker:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def lose_backend(self, reason: str) -> None:
+        """The model's backend is gone (an RPC worker died): fail the running job, then every queued one.
+
+        Called from ggml's own thread; the worker thread stays blocked inside llama.cpp for
+        good, so nothing will touch the model again and new jobs are refused (BackendLost).
+        """
+        self.lost = reason
+        running = self._running
+        if running is not None:
+            running.emit(Event("error", error=ApiError(502, f"generation failed: {reason}", code="backend_lost")))
+            self.counts["failed"] += 1
+        self._fail_queued(ApiError(503, f"the model is unavailable: {reason}", code="backend_lost"))
+
+    def _fail_queued(self, error: ApiError) -> None:
+        """Answer every job still in the queue with ``error``."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.emit(Event("error", error=error))
+
     # --- submitting ------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; raise :class:`QueueFull` when the queue is full or the server is stopping."""
+        """Queue ``job``; raise :class:`QueueFull` when the queue is full or the server is stopping,
+        :class:`BackendLost` when the model can no longer run."""
+        if self.lost is not None:
+            raise BackendLost(self.lost)
         if self._stopping:
             raise QueueFull(self.retry_after(), self.waiting)
         try:

@@ -6,6 +6,11 @@
 // (graph node "l_out-<il>") in place. Micro-batches with no steered position ask the
 // scheduler for nothing, so generation past the steered span runs at full speed.
 //
+// Buffers that are not host memory (RPC, CUDA, Metal) are read and written with
+// ggml_backend_tensor_get/set: the positions once per graph (the engine takes a layer
+// index not above the last one it saw, l_out-0 in llama.cpp's graphs, as the start of a
+// new graph), then one read and one write per steered layer with rows in the micro-batch.
+//
 // Layers are llama.cpp block-output indices: il steers "l_out-<il>", the residual
 // stream entering block il + 1 (the same tensor llama.cpp's control vector
 // "direction.<il>" is added to). Valid: 0 <= il <= n_layer - 2.

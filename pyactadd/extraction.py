@@ -46,6 +46,28 @@ class _Outlier:
     typical: float
 
 
+def prepare_model(layers, model, pad: str, anchor: str | None):
+    """Everything extraction needs before PyTorch loads, checked against the model's metadata.
+
+    Returns ``(layers, model_path, fingerprint, tokenizer, pad_id, anchor_id)``: the layer
+    list (each valid for the model), the resolved model file, its fingerprint, the
+    llama.cpp-equivalent tokenizer, and the pad and anchor token ids (anchor None: none).
+
+    Raises:
+        InputError: a layer out of range, a pad text that is not one token, an unknown anchor.
+    """
+    wanted = _as_layer_list(layers)
+    model_path = resolve_model(model)
+    tokenizer = Tokenizer.from_model(model_path)
+    fingerprint = fingerprint_of(model_path)
+    if fingerprint.n_layer is not None:
+        for layer in wanted:
+            check_layer(layer, fingerprint.n_layer)
+    pad_id = tokenizer.single_token(pad, "pad")
+    anchor_id = resolve_anchor(tokenizer, anchor)
+    return wanted, model_path, fingerprint, tokenizer, pad_id, anchor_id
+
+
 def extract(
     positive: str,
     negative: str,
@@ -98,15 +120,7 @@ def extract(
             raise InputError(f"{name} prompt must be text, got {type(text).__name__}")
         if not text:
             raise InputError(f"empty {name} prompt: give a non-empty text")
-    wanted = _as_layer_list(layers)
-    model_path = resolve_model(model)
-    tokenizer = Tokenizer.from_model(model_path)
-    fingerprint = fingerprint_of(model_path)
-    if fingerprint.n_layer is not None:
-        for layer in wanted:
-            check_layer(layer, fingerprint.n_layer)
-    pad_id = tokenizer.single_token(pad, "pad")
-    anchor_id = resolve_anchor(tokenizer, anchor)
+    wanted, model_path, fingerprint, tokenizer, pad_id, anchor_id = prepare_model(layers, model, pad, anchor)
     positive_ids = apply_anchor(tokenizer.encode(positive), anchor_id)
     negative_ids = apply_anchor(tokenizer.encode(negative), anchor_id)
     n_positions = max(len(positive_ids), len(negative_ids))

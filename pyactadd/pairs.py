@@ -32,12 +32,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .default_model import resolve_model
 from .errors import InputError
-from .extraction import REFERENCE_TEXT, SINK_RATIO, SinkRowWarning, _as_layer_list, _checked_coeff, _checked_rows
+from .extraction import REFERENCE_TEXT, SINK_RATIO, SinkRowWarning, _checked_coeff, _checked_rows, prepare_model
 from .layers import check_layer
 from .methods import METHODS, actadd_mean, mean_difference, pca_direction
-from .tokens import Tokenizer, apply_anchor, fingerprint_of, resolve_anchor
+from .tokens import Tokenizer, apply_anchor
 from .vector import SteeringVector
 
 DEFAULT_BATCH_SIZE = 8
@@ -270,15 +269,7 @@ def _prepare(pairs, layers, model, pad, anchor):
     checked = [_as_pair(item, f"pair {index}") for index, item in enumerate(pairs)]
     if not checked:
         raise InputError("no pairs given: pass at least one (positive, negative) pair")
-    wanted = _as_layer_list(layers)
-    model_path = resolve_model(model)
-    tokenizer = Tokenizer.from_model(model_path)
-    fingerprint = fingerprint_of(model_path)
-    if fingerprint.n_layer is not None:
-        for layer in wanted:
-            check_layer(layer, fingerprint.n_layer)
-    pad_id = tokenizer.single_token(pad, "pad")
-    anchor_id = resolve_anchor(tokenizer, anchor)
+    wanted, model_path, fingerprint, tokenizer, pad_id, anchor_id = prepare_model(layers, model, pad, anchor)
     ids = [
         (apply_anchor(tokenizer.encode(p.positive), anchor_id), apply_anchor(tokenizer.encode(p.negative), anchor_id))
         for p in checked

@@ -100,13 +100,7 @@ def extract_command(
         zero_outliers=zero_outliers,
         progress=True,
     )
-    vector.save(output)
-    layers_text = ", ".join(str(layer) for layer in vector.layer_ids)
-    click.echo(
-        f"Wrote {output}: layer {layers_text}, {vector.n_positions} positions x {vector.n_embd}, coeff {coeff:g} "
-        f"({model_path.name})",
-        err=True,
-    )
+    _save(vector, output, model_path, coeff)
 
 
 def _extract_pairs(pairs_file, method, batch_size, pca_center, layers, coeff, output, model, pad, anchor, zero_rows, zero_outliers):
@@ -129,11 +123,15 @@ def _extract_pairs(pairs_file, method, batch_size, pca_center, layers, coeff, ou
         zero_outliers=zero_outliers,
         progress=True,
     )
+    _save(vector, output, model_path, coeff, how=f"{method} over {len(pairs)} pairs, ")
+
+
+def _save(vector, output, model_path, coeff: float, how: str = "") -> None:
+    """Write the file, then say what it holds (on stderr: stdout stays free for pipes)."""
     vector.save(output)
     layers_text = ", ".join(str(layer) for layer in vector.layer_ids)
     click.echo(
-        f"Wrote {output}: {method} over {len(pairs)} pairs, layer {layers_text}, {vector.n_positions} "
-        f"position{'s' if vector.n_positions != 1 else ''} x {vector.n_embd}, alignment {vector.alignment}, coeff {coeff:g} "
-        f"({model_path.name})",
+        f"Wrote {output}: {how}layer {layers_text}, {vector.n_positions} position{'s' if vector.n_positions != 1 else ''} "
+        f"x {vector.n_embd}, alignment {vector.alignment}, coeff {coeff:g} ({model_path.name})",
         err=True,
     )

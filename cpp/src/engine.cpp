@@ -440,6 +440,7 @@ int32_t pyactadd_engine_remove(pyactadd_engine * engine, int32_t id) {
     if (engine == nullptr) {
         return -1;
     }
+    engine->last_error.clear();
     for (size_t i = 0; i < engine->tensors.size(); ++i) {
         if (engine->tensors[i].id == id) {
             engine->tensors.erase(engine->tensors.begin() + i);

@@ -363,6 +363,10 @@ void test_remove_and_clear() {
     CHECK(pyactadd_engine_remove(e.get(), a) == -1);
     CHECK(contains(pyactadd_engine_last_error(e.get()), "no steering tensor"));
     CHECK(pyactadd_engine_remove(e.get(), 99) == -1);
+    // A successful call clears the error of the failed one before it.
+    const int32_t c = pyactadd_engine_add(e.get(), 3, r.data(), 1, N_EMBD, 0, PYACTADD_ALIGN_ALL);
+    CHECK(pyactadd_engine_remove(e.get(), c) == 0);
+    CHECK(std::string(pyactadd_engine_last_error(e.get())).empty());
 
     // The remaining tensor (ALL) still steers; after clear nothing does.
     graph g = make_graph({ 0, 1 });
@@ -375,7 +379,7 @@ void test_remove_and_clear() {
     CHECK(!run_graph(e.get(), g2));
     CHECK(same(read_out(g2), std::vector<float>(2 * N_EMBD, 0.0f)));
     // Ids are never reused, so a stale id cannot remove a newer tensor.
-    CHECK(pyactadd_engine_add(e.get(), 3, r.data(), 1, N_EMBD, 0, PYACTADD_ALIGN_POSITIONS) == 2);
+    CHECK(pyactadd_engine_add(e.get(), 3, r.data(), 1, N_EMBD, 0, PYACTADD_ALIGN_POSITIONS) == 3);
 }
 
 void test_attach() {

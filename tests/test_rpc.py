@@ -88,6 +88,26 @@ def test_worker_not_listening_is_one_line(love):
     assert len(lines) == 1 and lines[0].startswith("Error: no RPC worker is listening at 127.0.0.1:" + str(port)), result.stderr
 
 
+def test_busy_worker_is_one_line_not_a_hang(love):
+    """A worker serves one client at a time: while another client holds it, the handshake times out."""
+    import struct
+
+    single = LocalWorkers(1)
+    try:
+        ep = single.endpoints[0]
+        with socket.create_connection((ep.host, ep.port), timeout=10) as other:
+            other.sendall(bytes([14]) + struct.pack("<Q", 24) + bytes(24))  # ggml-rpc HELLO, as any client
+            assert len(other.recv(64)) > 0
+            started = time.monotonic()
+            result = cli("run", PROMPT, "--steer", str(love), "--rpc", single.spec, timeout=60)
+            assert time.monotonic() - started < 30
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"the RPC worker at {ep} did not answer" in lines[0], result.stderr
+    finally:
+        single.stop()
+
+
 def test_worker_on_a_taken_port_is_one_line():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

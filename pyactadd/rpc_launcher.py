@@ -41,31 +41,34 @@ class LocalWorkers:
 
     def __init__(self, n: int, *, threads: int = 1, startup_timeout: float = 60.0) -> None:
         """Start ``n`` workers; each also ends when this process does (Linux), even without :meth:`stop`."""
-        self.procs: list[subprocess.Popen] = []
-        self.endpoints: list[rpc.Endpoint] = []
-        for _ in range(n):
-            port = _free_port()
-            self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "pyactadd", "worker", "--port", str(port), "--threads", str(threads)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    preexec_fn=_die_with_parent,
-                )
-            )
-            self.endpoints.append(rpc.Endpoint("127.0.0.1", port))
-        deadline = time.monotonic() + startup_timeout
-        for ep, proc in zip(self.endpoints, self.procs):
-            while True:
-                try:
-                    rpc.check_listening([ep], timeout=5)
-                    break
-                except InputError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        self.stop()
-                        raise RuntimeError(f"pyactadd worker on {ep} did not start within {startup_timeout:.0f} s") from None
-                    time.sleep(0.2)
+        self.threads = threads
+        self.startup_timeout = startup_timeout
+        self.endpoints = [rpc.Endpoint("127.0.0.1", _free_port()) for _ in range(n)]
+        self.procs: list[subprocess.Popen] = [self._spawn(ep) for ep in self.endpoints]
+        for i in range(n):
+            self._wait_ready(i)
+
+    def _spawn(self, ep: rpc.Endpoint) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pyactadd", "worker", "--port", str(ep.port), "--threads", str(self.threads)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+
+    def _wait_ready(self, i: int) -> None:
+        ep, proc = self.endpoints[i], self.procs[i]
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            try:
+                rpc.check_listening([ep], timeout=5)
+                return
+            except InputError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"pyactadd worker on {ep} did not start within {self.startup_timeout:.0f} s") from None
+                time.sleep(0.2)
 
     @property
     def spec(self) -> str:
@@ -76,6 +79,11 @@ class LocalWorkers:
         """Kill worker ``i`` at once (SIGKILL), as a crash or a lost host would."""
         self.procs[i].kill()
         self.procs[i].wait(10)
+
+    def restart(self, i: int) -> None:
+        """Start worker ``i`` again on its port (after :meth:`kill`) and wait until it answers."""
+        self.procs[i] = self._spawn(self.endpoints[i])
+        self._wait_ready(i)
 
     def stop(self) -> None:
         """Stop every worker (SIGTERM, then SIGKILL after 10 s)."""

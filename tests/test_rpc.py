@@ -188,16 +188,16 @@ def _get(url: str, timeout: float = 10) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-def test_serve_answers_5xx_and_turns_unhealthy_when_a_worker_dies(love, tmp_path):
+def test_serve_answers_5xx_when_a_worker_dies_and_serves_again_once_it_is_back(love, tmp_path):
     vectors = tmp_path / "vectors"
     vectors.mkdir()
     (vectors / "love.gguf").write_bytes(love.read_bytes())
     single = LocalWorkers(1)
     try:
         with ServerProcess("--vectors", str(vectors), "--rpc", single.spec, "--threads", "2") as server:
-            status, body = _post(server.url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 8, "temperature": 0,
-                                                                  "steering": [{"vector": "love", "coeff": 5}]})
-            assert status == 200, body
+            status, first = _post(server.url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+                                                                   "steering": [{"vector": "love", "coeff": 5}]})
+            assert status == 200, first
             results: list = []
             long_request = threading.Thread(
                 target=lambda: results.append(
@@ -222,6 +222,22 @@ def test_serve_answers_5xx_and_turns_unhealthy_when_a_worker_dies(love, tmp_path
             assert status == 503 and health["status"] == "unhealthy"
             status, body = _post(server.url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
             assert status == 503 and body["error"]["code"] == "backend_lost"
+            assert server.alive()
+            # The worker comes back on its port: the server restarts itself in place and
+            # answers as before (connections made meanwhile wait in the listening backlog).
+            single.restart(0)
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if _get(server.url + "/health", timeout=60)[0] == 200:
+                        break
+                except OSError:  # a connection the old process accepted, closed by the restart
+                    pass
+                assert time.monotonic() < deadline, "the server did not come back:\n" + server.log
+                time.sleep(0.5)
+            status, again = _post(server.url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+                                                                   "steering": [{"vector": "love", "coeff": 5}]})
+            assert status == 200 and again["choices"][0]["text"] == first["choices"][0]["text"]
             assert server.alive()
     finally:
         single.stop()

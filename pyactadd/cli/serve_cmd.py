@@ -34,21 +34,62 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _lose_backend(workers: list, message: str) -> None:
-    """The lost-worker handler of serve: fail the request in flight, turn unhealthy, keep answering.
+class _LostWorkerGuard:
+    """What serve does when an RPC worker dies: fail, turn unhealthy, and come back.
 
-    It runs on ggml-rpc's thread and must not return (ggml would abort the process), so it
-    parks that thread for good; llama.cpp's own thread stays blocked with it.
+    ggml-rpc aborts on its own thread when a worker goes away; this handler runs there
+    instead. It must not return (ggml would abort the process) and llama.cpp's thread stays
+    blocked in the lost call, so the model cannot be used again in this process. It fails
+    the request in flight (502) and the queued ones (503), the server answers 503 and
+    /health "unhealthy", and a watchdog waits until every worker accepts connections again,
+    then restarts this same process (exec, same PID) on the same listening socket, which
+    reloads the model; connections made meanwhile wait in the socket's backlog.
     """
-    import os
-    import threading
 
-    if not workers:  # lost while loading, before there was a server to keep
-        click.echo(f"Error: {message}", err=True)
-        os._exit(1)
-    click.echo(f"Error: {message}; answering 503 until restarted", err=True)
-    workers[0].lose_backend(message)
-    threading.Event().wait()
+    RETRY_S = 1.0
+
+    def __init__(self, endpoints) -> None:
+        self.endpoints = list(endpoints)
+        self.worker = None  # the server's Worker, once there is one
+        self.listen_fd: int | None = None
+
+    def __call__(self, message: str) -> None:
+        import os
+        import threading
+
+        if self.worker is None or self.listen_fd is None:  # lost while loading: nothing to keep
+            click.echo(f"Error: {message}", err=True)
+            os._exit(1)
+        click.echo(f"Error: {message}; answering 503 until every worker is back, then restarting", err=True)
+        self.worker.lose_backend(message)
+        threading.Thread(target=self._restart_when_back, name="pyactadd-rpc-watchdog", daemon=True).start()
+        threading.Event().wait()
+
+    def _restart_when_back(self) -> None:
+        import os
+        import sys
+        import time
+
+        # A plain TCP connect, not ggml-rpc's handshake: a surviving worker is still busy
+        # with this process's old connection until the exec below closes it.
+        while not all(self._accepts(ep) for ep in self.endpoints):
+            time.sleep(self.RETRY_S)
+        click.echo("pyactadd serve: every RPC worker accepts connections again; restarting to reload the model", err=True)
+        fd = self.listen_fd
+        os.set_inheritable(fd, True)
+        # Close everything else, ggml-rpc's sockets included: the new image must not keep
+        # the surviving workers busy with connections it knows nothing about.
+        os.closerange(3, fd)
+        os.closerange(fd + 1, 65536)
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:], "--listen-fd", str(fd)])
+
+    @staticmethod
+    def _accepts(ep) -> bool:
+        try:
+            with socket.create_connection((ep.host, ep.port), timeout=2):
+                return True
+        except OSError:
+            return False
 
 
 @main.command("serve")
@@ -81,10 +122,12 @@ def _lose_backend(workers: list, message: str) -> None:
 @click.option("--n-ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True, help="Context length.")
 @click.option("--threads", type=click.IntRange(1, 512), default=None, help="CPU threads (default: all cores, at most 8).")
 @rpc_options
+# Set by serve itself when it restarts in place after a lost RPC worker: keep this socket.
+@click.option("--listen-fd", type=click.IntRange(3, 1 << 20), default=None, hidden=True)
 @click.pass_context
 def serve_command(
     ctx, model, vectors, host, port, api_key, queue_size, max_tokens, max_body, max_upload, no_upload, prompt_cache, n_ctx, threads,
-    rpc, rpc_split, rpc_layers,
+    rpc, rpc_split, rpc_layers, listen_fd,
 ):
     """Serve the model over HTTP: OpenAI-compatible completions with per-request steering.
 
@@ -105,8 +148,9 @@ def serve_command(
       pyactadd serve --vectors ./vectors --port 9000 --api-key "$KEY"
       pyactadd serve --vectors ./vectors --rpc 10.0.0.2:50052,10.0.0.3:50052
 
-    With --rpc, losing a worker fails the request in flight (502), and the server then
-    answers 503 (and /health 503 "unhealthy") until it is restarted.
+    With --rpc, losing a worker fails the request in flight (502); the server then answers
+    503 (and /health 503 "unhealthy") until every worker accepts connections again, and
+    restarts itself in place (same port; vectors uploaded through the API are lost).
     """
     import logging
 
@@ -125,11 +169,12 @@ def serve_command(
     if not model_path.is_file():
         raise click.BadParameter(f"{model_path} is not a GGUF file (llama.cpp runs GGUF models)", param_hint="--model")
     placement = placement_from(rpc, rpc_split, rpc_layers)
-    lost_worker: list = []
+    guard = None
     if placement is not None:
         from .. import rpc as rpc_backend
 
-        rpc_backend.on_lost_worker(lambda message: _lose_backend(lost_worker, rpc_backend.lost_worker_message(message)))
+        guard = _LostWorkerGuard(placement.endpoints)
+        rpc_backend.on_lost_worker(lambda message: guard(rpc_backend.lost_worker_message(message)))
     llama = load_llama(model_path, n_ctx=n_ctx, n_threads=threads, placement=placement)
     registry = VectorRegistry(Steering.of(llama).fingerprint)
     if vectors is not None:
@@ -149,8 +194,9 @@ def serve_command(
         allowed_hosts=("127.0.0.1", "localhost", "::1") if _is_loopback(host) else None,
     )
     app = create_app(llama, registry, config)
-    lost_worker.append(app.state.worker)
-    sock = _bind(host, port)
+    sock = socket.socket(fileno=listen_fd) if listen_fd is not None else _bind(host, port)
+    if guard is not None:
+        guard.worker, guard.listen_fd = app.state.worker, sock.fileno()
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     usable = sum(entry.usable for entry in registry.entries())

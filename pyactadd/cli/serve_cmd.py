@@ -80,7 +80,7 @@ class _LostWorkerGuard:
         # Close everything else, ggml-rpc's sockets included: the new image must not keep
         # the surviving workers busy with connections it knows nothing about.
         os.closerange(3, fd)
-        os.closerange(fd + 1, 65536)
+        os.closerange(fd + 1, max(fd + 1, os.sysconf("SC_OPEN_MAX")))
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:], "--listen-fd", str(fd)])
 
     @staticmethod

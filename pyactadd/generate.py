@@ -66,16 +66,14 @@ def load_llama(
         n_threads=n_threads or max(1, min(os.cpu_count() or 1, 8)),
         verbose=False,
     )
-    devices = contextlib.nullcontext()
+    placed = contextlib.nullcontext({})
     if placement is not None:
         from . import rpc
 
-        per_worker = rpc.worker_devices(placement.endpoints)
-        kwargs.update(placement.llama_kwargs([len(d) for d in per_worker]))
-        devices = rpc.model_devices([d for worker in per_worker for d in worker])
+        placed = rpc.placed(placement)
     try:
-        with devices:
-            llama = lc.Llama(**kwargs)
+        with placed as extra:
+            llama = lc.Llama(**kwargs, **extra)
     except (ValueError, RuntimeError) as exc:
         raise InputError(f"llama.cpp cannot load {path}: {exc}; is it a GGUF model file?") from None
     Steering.of(llama)

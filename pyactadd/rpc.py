@@ -15,14 +15,14 @@ error line and exit for ``run``; an unhealthy server for ``serve``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
-import ipaddress
 import socket
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .errors import InputError, InstallError
 from .native import llama_cpp_module
@@ -41,16 +41,6 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
-
-    @property
-    def is_loopback(self) -> bool:
-        """True for localhost and 127.0.0.0/8."""
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
 
 
 def parse_endpoint(text: str) -> Endpoint:
@@ -199,15 +189,6 @@ def _ggml() -> _Ggml:
     )
 
 
-def available() -> bool:
-    """True when the installed llama-cpp-python has ggml's RPC backend."""
-    try:
-        _ggml()
-    except InstallError:
-        return False
-    return True
-
-
 # --- client side ---------------------------------------------------------------------
 
 
@@ -260,6 +241,17 @@ def worker_devices(endpoints: Sequence[Endpoint]) -> list[list[int]]:
         devices.append([g.lib.ggml_backend_reg_dev_get(reg, i) for i in range(count)])
         _connected.add(ep)
     return devices
+
+
+@contextlib.contextmanager
+def placed(placement: Placement) -> Iterator[dict]:
+    """Connect to the workers; inside the block, ``Llama(**kwargs, **extra)`` puts the layers on them.
+
+    Yields the extra ``Llama`` keyword arguments (n_gpu_layers, tensor_split).
+    """
+    per_worker = worker_devices(placement.endpoints)
+    with model_devices([d for devices in per_worker for d in devices]):
+        yield placement.llama_kwargs([len(devices) for devices in per_worker])
 
 
 _load_lock = threading.Lock()
@@ -372,21 +364,19 @@ def worker_backends() -> list[tuple[int, str]]:
 def check_can_listen(host: str, port: int) -> None:
     """Raise InputError when (host, port) cannot be bound (ggml would only print a line and return)."""
     try:
-        family = socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
     except OSError as exc:
         raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pick another --port or --host") from None
 
 
-def serve(endpoint: Endpoint, *, threads: int, cache_dir: str | None = None, devices: Sequence[int] | None = None) -> None:
-    """Run ggml's RPC server on ``endpoint`` until the process ends (blocks the calling thread).
+def serve(endpoint: Endpoint, devices: Sequence[int], *, threads: int, cache_dir: str | None = None) -> None:
+    """Run ggml's RPC server on ``endpoint`` with ``devices`` (from :func:`worker_backends`) until
+    the process ends (blocks the calling thread).
 
     Returns only when ggml gives up (it prints why), e.g. when the port cannot be bound.
     """
-    g = _ggml()
-    chosen = list(devices) if devices is not None else [d for d, _ in worker_backends()]
-    array = (ctypes.c_void_p * len(chosen))(*chosen)
-    g.start_server(str(endpoint).encode(), cache_dir.encode() if cache_dir else None, threads, len(chosen), array)
+    array = (ctypes.c_void_p * len(devices))(*devices)
+    _ggml().start_server(str(endpoint).encode(), cache_dir.encode() if cache_dir else None, threads, len(devices), array)
 

@@ -40,10 +40,8 @@ def make_llama(n_ubatch: int = 512, workers=None) -> llama_cpp.Llama:
         return llama_cpp.Llama(**kwargs)
     from pyactadd import rpc
 
-    placement = rpc.Placement(tuple(workers.endpoints))
-    per_worker = rpc.worker_devices(placement.endpoints)
-    with rpc.model_devices([d for devices in per_worker for d in devices]):
-        return llama_cpp.Llama(**kwargs, **placement.llama_kwargs([len(d) for d in per_worker]))
+    with rpc.placed(rpc.Placement(tuple(workers.endpoints))) as extra:
+        return llama_cpp.Llama(**kwargs, **extra)
 
 
 @pytest.fixture(scope="module", params=["local", "rpc"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from pathlib import Path
 
@@ -113,3 +114,13 @@ def placement_from(rpc: str | None, split: str | None, layers: int | None):
         return Placement.parse(rpc, split, layers)
     except PyactaddError as exc:
         raise click.BadParameter(str(exc), param_hint="--rpc") from None
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1): reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

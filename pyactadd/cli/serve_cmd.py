@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from pathlib import Path
 
 import click
 
 from . import main
-from .params import model_option, placement_from, rpc_options
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from .params import is_loopback, model_option, placement_from, rpc_options
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -163,7 +153,7 @@ def serve_command(
 
     if api_key is not None and not api_key.strip():
         raise click.BadParameter("the API key is empty", param_hint="--api-key")
-    if not _is_loopback(host) and api_key is None:
+    if not is_loopback(host) and api_key is None:
         click.secho(f"Warning: listening on {host} without --api-key: anyone who can reach it can use the model.", fg="yellow", err=True)
     model_path = resolve_model(model)
     if not model_path.is_file():
@@ -191,7 +181,7 @@ def serve_command(
         allow_upload=not no_upload,
         prompt_cache=prompt_cache,
         # On loopback, answer only to loopback names (refuses DNS rebinding); elsewhere any Host.
-        allowed_hosts=("127.0.0.1", "localhost", "::1") if _is_loopback(host) else None,
+        allowed_hosts=("127.0.0.1", "localhost", "::1") if is_loopback(host) else None,
     )
     app = create_app(llama, registry, config)
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else _bind(host, port)

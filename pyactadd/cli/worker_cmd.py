@@ -9,6 +9,7 @@ import threading
 import click
 
 from . import main
+from .params import is_loopback
 
 
 @main.command("worker")
@@ -41,7 +42,7 @@ def worker_command(host, port, threads, cache_dir):
     from .. import rpc
 
     endpoint = rpc.parse_endpoint(f"{host}:{port}")
-    if not endpoint.is_loopback:
+    if not is_loopback(host):
         click.secho(f"Warning: listening on {host}: {rpc.SECURITY_NOTE}.", fg="yellow", err=True)
     rpc.check_can_listen(host, port)
     if cache_dir is not None:
@@ -60,7 +61,7 @@ def worker_command(host, port, threads, cache_dir):
 
     def serve() -> None:
         try:
-            rpc.serve(endpoint, threads=n_threads, cache_dir=cache_dir, devices=[d for d, _ in backends])
+            rpc.serve(endpoint, [d for d, _ in backends], threads=n_threads, cache_dir=cache_dir)
         finally:
             gave_up.append(True)
             ended.set()

@@ -48,11 +48,11 @@ def parse_endpoint(text: str) -> Endpoint:
 
     ggml-rpc splits at the first colon, so IPv6 literals cannot be expressed; use a host name.
     """
+    if text.count(":") > 1 or "[" in text:
+        raise InputError(f"RPC worker address {text!r}: ggml-rpc takes no IPv6 literals; use an IPv4 address or a host name")
     host, sep, port = text.strip().partition(":")
     if not sep or not host or not port:
         raise InputError(f"RPC worker address {text!r} is not HOST:PORT (e.g. 127.0.0.1:50052)")
-    if ":" in port or "[" in host:
-        raise InputError(f"RPC worker address {text!r}: ggml-rpc takes no IPv6 literals; use an IPv4 address or a host name")
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise InputError(f"RPC worker address {text!r}: port {port!r} is not a number from 1 to 65535")
     return Endpoint(host, int(port))

@@ -122,6 +122,7 @@ def test_worker_on_a_taken_port_is_one_line():
     "args, message",
     [
         (["--rpc", "nonsense"], "is not HOST:PORT"),
+        (["--rpc", "[::1]:50052"], "takes no IPv6 literals"),
         (["--rpc", "127.0.0.1:99999"], "is not a number from 1 to 65535"),
         (["--rpc", "127.0.0.1:5,127.0.0.1:6", "--rpc-split", "1"], "give one per worker"),
         (["--rpc", "127.0.0.1:5", "--rpc-split", "a"], "is not a comma-separated list"),

@@ -20,14 +20,17 @@ import sys
 import time
 from pathlib import Path
 
+# The launchers are test helpers (tests/helpers); pyactadd itself is the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 import numpy as np
 
-from pyactadd import rpc
+from pyactadd.runtime import rpc
 from pyactadd.default_model import default_model_path
-from pyactadd.generate import load_llama
-from pyactadd.rpc_launcher import LocalWorkers
-from pyactadd.steering import Steering
-from pyactadd.vector import SteeringVector
+from pyactadd.runtime.generate import load_llama
+from helpers.rpc_launcher import LocalWorkers
+from pyactadd.runtime.steering import Steering
+from pyactadd.vector.value import SteeringVector
 
 TEXT = "The history of the world is long, and it is told in many ways by many people. " * 20
 

@@ -39,13 +39,12 @@ from typing import Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pyactadd.default_model import default_model_path
+from pyactadd.runtime.generate import load_llama
+from pyactadd.runtime.steering import Steering
+from pyactadd.vector import SteeringVector
 
-from pyactadd.default_model import default_model_path  # noqa: E402
-from pyactadd.generate import load_llama  # noqa: E402
-from pyactadd.steering import Steering  # noqa: E402
-from pyactadd.vector import SteeringVector  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TEXT = (
     "The harbour was quiet that morning. Fishing boats rocked against the pier while gulls argued over "
@@ -137,7 +136,7 @@ def torch_hook_rates(rows: np.ndarray, layer: int, ids: list[int], n_gen: int, r
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pyactadd import torch_model
+    from pyactadd.extract import torch_model
 
     torch.set_num_threads(threads)
     torch_model.load_torch_model(default_model_path(), progress=False)  # ensures the converted cache exists

@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
-    from pyactadd.extraction import extract
-    from pyactadd.server.launcher import ServerProcess
+    from pyactadd.extract.pipeline import extract
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test helpers; pyactadd is the installed package
+    from helpers.server_launcher import ServerProcess
 
     kinds = ["unsteered", "steered", "mixed"]
     results = {kind: {"wall_s": 0.0, "latencies": [], "tokens": 0, "requests": 0, "rounds_rps": []} for kind in kinds}

@@ -25,13 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pyactadd.default_model import default_model_path  # noqa: E402
-from pyactadd.evaluation import shipped_text  # noqa: E402
-from pyactadd.perplexity import BatchScorer, read_sentences, scoring_model  # noqa: E402
-from pyactadd.sweep import DEFAULT_COEFFS, parse_coeffs, parse_layers, run_sweep, sweep_vector  # noqa: E402
-from pyactadd.tokens import fingerprint_of  # noqa: E402
+from pyactadd.default_model import default_model_path
+from pyactadd.measure.evaluation import shipped_text
+from pyactadd.measure.perplexity import BatchScorer, read_sentences, scoring_model
+from pyactadd.measure.sweep import DEFAULT_COEFFS, parse_coeffs, parse_layers, run_sweep, sweep_vector
+from pyactadd.prompts.tokens import fingerprint_of
 
 TARGET_SECONDS = 300
 
@@ -85,7 +83,7 @@ def main() -> int:
             on_cell=on_cell,
         )
         plot_start = time.perf_counter()
-        from pyactadd.plots import plot_sweep
+        from pyactadd.measure.plots import plot_sweep
 
         plot_sweep(result.as_dict(), Path(out) / "sweep.png")
         plotted = time.perf_counter()

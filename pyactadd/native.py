@@ -13,7 +13,7 @@ import importlib.metadata
 import os
 from types import ModuleType
 
-from .errors import InstallError
+from pyactadd.errors import InstallError
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 """The llama-cpp-python release the engine is compiled against (also pinned in pyproject.toml)."""
@@ -48,7 +48,7 @@ def engine_module() -> ModuleType:
     """Import the compiled engine, making sure it shares llama_cpp's libllama."""
     llama_cpp = llama_cpp_module()
     try:
-        from . import _engine
+        from pyactadd import _engine
     except ImportError as exc:
         raise InstallError(
             f"pyactadd's compiled engine cannot be loaded ({exc}): reinstall pyactadd with "

@@ -27,7 +27,7 @@ def torch_model(default_model_path):
     ``load_torch_model`` keeps this same object in memory, so ``extract()`` on the default
     model reuses it instead of loading again. Remove any hooks a test adds.
     """
-    from pyactadd.torch_model import load_torch_model
+    from pyactadd.extract.torch_model import load_torch_model
 
     return load_torch_model(default_model_path, progress=False)
 
@@ -41,6 +41,6 @@ def inprocess_rpc_workers():
     They are not stopped here: models still alive in this process free their RPC buffers
     as it exits, so the workers end with it (LocalWorkers ties them to their parent).
     """
-    from pyactadd.rpc_launcher import LocalWorkers
+    from helpers.rpc_launcher import LocalWorkers
 
     return LocalWorkers(2)

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from pyactadd.default_model import default_model_path
-from pyactadd.extraction import extract
-from pyactadd.generate import load_llama, prompt_tokens
-from pyactadd.scoring import next_token_logits
-from pyactadd.steering import Steering
-from pyactadd.torch_model import load_torch_model, model_blocks
-from pyactadd.vector import SteeringVector
+from pyactadd.extract.pipeline import extract
+from pyactadd.runtime.generate import load_llama, prompt_tokens
+from helpers.scoring import next_token_logits
+from pyactadd.runtime.steering import Steering
+from pyactadd.extract.torch_model import load_torch_model, model_blocks
+from pyactadd.vector.value import SteeringVector
 
 PROMPT = "I hate you because you always"
 

@@ -8,7 +8,7 @@ import warnings
 
 import click
 
-from ..errors import PyactaddError
+from pyactadd.errors import PyactaddError
 
 
 class _Group(click.Group):
@@ -46,4 +46,4 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
-from . import config_cmd, extract_cmd, run_cmd, convert_cmd, inspect_cmd, serve_cmd, eval_cmd, sweep_cmd, worker_cmd  # noqa: E402,F401  (registers the commands)
+from pyactadd.cli import config_cmd, extract_cmd, run_cmd, convert_cmd, inspect_cmd, serve_cmd, eval_cmd, sweep_cmd, worker_cmd  # noqa: E402,F401  (registers the commands)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import click
 
-from . import main
-from ..errors import InstallError
+from pyactadd.cli import main
+from pyactadd.errors import InstallError
 
 _HEADER = "pyactadd.h"
 
@@ -61,7 +61,7 @@ def build_flags() -> BuildFlags:
     Raises:
         InstallError: the pinned llama-cpp-python or pyactadd's compiled parts are missing.
     """
-    from ..native import check_llama_cpp_version
+    from pyactadd.native import check_llama_cpp_version
 
     check_llama_cpp_version()
     llama_spec = importlib.util.find_spec("llama_cpp")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from . import main
-from .params import FiniteFloat, model_option
+from pyactadd.cli import main
+from pyactadd.cli.params import FiniteFloat, model_option
 
 CONVENTIONS = click.Choice(["block-input", "block-output"])
 
@@ -108,9 +108,9 @@ def convert_command(source, output, layer_convention, shift_layers, layers, stac
       pyactadd convert cvec.gguf fixed.gguf --shift-layers --scale 8
       pyactadd convert love.gguf love.safetensors --to-convention block-output
     """
-    from ..convert import load, parse_reduction, reduce_vector, save_vector, stock_problem
-    from ..convert.writing import OUTPUT_SUFFIXES
-    from ..errors import InputError
+    from pyactadd.vector.convert import load, parse_reduction, reduce_vector, save_vector, stock_problem
+    from pyactadd.vector.convert.writing import OUTPUT_SUFFIXES
+    from pyactadd.errors import InputError
 
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise click.BadParameter(f"{output.name} should end in .gguf, .safetensors, .npz or .pt", param_hint="OUTPUT")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from . import main
-from .params import AlignType, SteerSpec, model_option
+from pyactadd.cli import main
+from pyactadd.cli.params import AlignType, SteerSpec, model_option
 
 _DEFAULT_ON, _DEFAULT_OFF = "weddings.txt", "shipping.txt"
 
@@ -26,9 +26,9 @@ def text_set_option(name: str, default: str, what: str):
 
 def load_text_set(path: Path | None, default: str, option: str) -> tuple[Path, list[str]]:
     """Read a sentence set before any model loads; errors name the option."""
-    from ..errors import PyactaddError
-    from ..evaluation import shipped_text
-    from ..perplexity import read_sentences
+    from pyactadd.errors import PyactaddError
+    from pyactadd.measure.evaluation import shipped_text
+    from pyactadd.measure.perplexity import read_sentences
 
     path = path if path is not None else shipped_text(default)
     try:
@@ -83,8 +83,8 @@ def eval_command(steer, on_file, off_file, prompt, top, align, fast, as_json, n_
     """
     from tqdm import tqdm
 
-    from ..default_model import resolve_model
-    from ..evaluation import DEFAULT_PROMPT, evaluate, make_scorer
+    from pyactadd.default_model import resolve_model
+    from pyactadd.measure.evaluation import DEFAULT_PROMPT, evaluate, make_scorer
 
     on_path, on = load_text_set(on_file, _DEFAULT_ON, "--on")
     off_path, off = load_text_set(off_file, _DEFAULT_OFF, "--off")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from . import main
-from .params import FiniteFloat, model_option
+from pyactadd.cli import main
+from pyactadd.cli.params import FiniteFloat, model_option
 
 
 @main.command("extract")
@@ -73,8 +73,8 @@ def extract_command(
       pyactadd extract -p " weddings" -n " " -l 16 --anchor "<|im_start|>" -o weddings.gguf
       pyactadd extract --pairs happy.jsonl --method mean -l 6 -l 10 -l 14 -o happy.gguf
     """
-    from ..default_model import resolve_model
-    from ..extraction import extract
+    from pyactadd.default_model import resolve_model
+    from pyactadd.extract.pipeline import extract
 
     if output.suffix.lower() != ".gguf":
         raise click.BadParameter(f"{output} should end in .gguf", param_hint="--output")
@@ -104,8 +104,8 @@ def extract_command(
 
 
 def _extract_pairs(pairs_file, method, batch_size, pca_center, layers, coeff, output, model, pad, anchor, zero_rows, zero_outliers):
-    from ..default_model import resolve_model
-    from ..pairs import extract_pairs, load_pairs
+    from pyactadd.default_model import resolve_model
+    from pyactadd.extract.pairs import extract_pairs, load_pairs
 
     pairs = load_pairs(pairs_file)
     model_path = resolve_model(model)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from . import main
-from .convert_cmd import flat_layers, layer_options
-from .params import model_option
+from pyactadd.cli import main
+from pyactadd.cli.convert_cmd import flat_layers, layer_options
+from pyactadd.cli.params import model_option
 
 
 @main.command("inspect")
@@ -31,7 +31,7 @@ def inspect_command(file, layer_convention, shift_layers, layers, stacked, as_js
       pyactadd inspect cvec.gguf --json
       pyactadd inspect sv.pt --layer-convention block-output
     """
-    from ..convert import inspect_file, render_text
+    from pyactadd.vector.convert import inspect_file, render_text
 
     report = inspect_file(
         file, layer_convention=layer_convention, shift_layers=shift_layers, layers=flat_layers(layers), stacked=stacked, model=model

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import PyactaddError
-from ..steering import parse_alignment
+from pyactadd.errors import PyactaddError
+from pyactadd.runtime.steering import parse_alignment
 
 
 class SteerSpec(click.ParamType):
@@ -33,7 +33,7 @@ class SteerSpec(click.ParamType):
                 coeff = 1.0
         if not math.isfinite(coeff):
             self.fail(f"coefficient in {value!r} must be a finite number", param, ctx)
-        from ..vector import SteeringVector
+        from pyactadd.vector.value import SteeringVector
 
         try:
             vector = SteeringVector.load(Path(path))
@@ -108,7 +108,7 @@ def placement_from(rpc: str | None, split: str | None, layers: int | None):
         if split is not None or layers is not None:
             raise click.BadParameter("needs --rpc HOST:PORT[,...]", param_hint="--rpc-split/--rpc-layers")
         return None
-    from ..rpc import Placement
+    from pyactadd.runtime.rpc import Placement
 
     try:
         return Placement.parse(rpc, split, layers)

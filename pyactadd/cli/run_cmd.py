@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from . import main
-from .params import AlignType, FiniteFloat, SteerSpec, model_option, placement_from, rpc_options
+from pyactadd.cli import main
+from pyactadd.cli.params import AlignType, FiniteFloat, SteerSpec, model_option, placement_from, rpc_options
 
 
 @main.command("run")
@@ -48,8 +48,8 @@ def run_command(
       pyactadd run "Tell me about your day" --chat --steer love.gguf --json
       pyactadd run "I hate you because" --steer love.gguf:5 --rpc 10.0.0.2:50052,10.0.0.3:50052
     """
-    from ..default_model import resolve_model
-    from ..generate import Sampling, load_llama, run
+    from pyactadd.default_model import resolve_model
+    from pyactadd.runtime.generate import Sampling, load_llama, run
 
     if temperature < 0:
         raise click.BadParameter("must be >= 0", param_hint="--temperature")
@@ -98,7 +98,7 @@ def run_command(
         }
         click.echo(json.dumps(payload, ensure_ascii=False, indent=2))
     elif compare:
-        from .display import side_by_side
+        from pyactadd.cli.display import side_by_side
 
         label = " + ".join(f"{path}:{coeff:g}" for path, _, coeff in steer) or "no vector"
         click.secho(prompt, bold=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from . import main
-from .params import is_loopback, model_option, placement_from, rpc_options
+from pyactadd.cli import main
+from pyactadd.cli.params import is_loopback, model_option, placement_from, rpc_options
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -146,10 +146,10 @@ def serve_command(
 
     import uvicorn
 
-    from ..default_model import resolve_model
-    from ..generate import load_llama
-    from ..server import ServerConfig, VectorRegistry, create_app
-    from ..steering import Steering
+    from pyactadd.default_model import resolve_model
+    from pyactadd.runtime.generate import load_llama
+    from pyactadd.server import ServerConfig, VectorRegistry, create_app
+    from pyactadd.runtime.steering import Steering
 
     if api_key is not None and not api_key.strip():
         raise click.BadParameter("the API key is empty", param_hint="--api-key")
@@ -161,7 +161,7 @@ def serve_command(
     placement = placement_from(rpc, rpc_split, rpc_layers)
     guard = None
     if placement is not None:
-        from .. import rpc as rpc_backend
+        from pyactadd.runtime import rpc as rpc_backend
 
         guard = _LostWorkerGuard(placement.endpoints)
         rpc_backend.on_lost_worker(lambda message: guard(rpc_backend.lost_worker_message(message)))

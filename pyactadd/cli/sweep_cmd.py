@@ -8,13 +8,13 @@ from pathlib import Path
 
 import click
 
-from . import main
-from .eval_cmd import _DEFAULT_OFF, _DEFAULT_ON, _table, load_text_set, text_set_option
-from .params import model_option
+from pyactadd.cli import main
+from pyactadd.cli.eval_cmd import _DEFAULT_OFF, _DEFAULT_ON, _table, load_text_set, text_set_option
+from pyactadd.cli.params import model_option
 
 
 class _Parsed(click.ParamType):
-    """A click type around one of pyactadd.sweep's parsers (errors become BadParameter)."""
+    """A click type around one of pyactadd.measure.sweep's parsers (errors become BadParameter)."""
 
     def __init__(self, name: str, parser) -> None:
         self.name = name
@@ -23,7 +23,7 @@ class _Parsed(click.ParamType):
     def convert(self, value, param, ctx):
         if not isinstance(value, str):
             return value
-        from ..errors import PyactaddError
+        from pyactadd.errors import PyactaddError
 
         try:
             return self._parser(value)
@@ -32,19 +32,19 @@ class _Parsed(click.ParamType):
 
 
 def _coeffs(text):
-    from ..sweep import parse_coeffs
+    from pyactadd.measure.sweep import parse_coeffs
 
     return parse_coeffs(text)
 
 
 def _budget(text):
-    from ..sweep import parse_budget
+    from pyactadd.measure.sweep import parse_budget
 
     return parse_budget(text)
 
 
 def _check_layer_syntax(text):
-    from ..sweep import parse_layers
+    from pyactadd.measure.sweep import parse_layers
 
     parse_layers(text, 1 << 30)  # syntax only; the range is checked once the model is known
     return text
@@ -137,12 +137,12 @@ def sweep_command(
     """
     from tqdm import tqdm
 
-    from ..default_model import resolve_model
-    from ..errors import InputError
-    from ..perplexity import BatchScorer, read_sentences, scoring_model
-    from ..sweep import parse_layers, run_sweep, sweep_vector, targets_from_words
-    from ..tokens import fingerprint_of
-    from ..vector import SteeringVector
+    from pyactadd.default_model import resolve_model
+    from pyactadd.errors import InputError
+    from pyactadd.measure.perplexity import BatchScorer, read_sentences, scoring_model
+    from pyactadd.measure.sweep import parse_layers, run_sweep, sweep_vector, targets_from_words
+    from pyactadd.prompts.tokens import fingerprint_of
+    from pyactadd.vector.value import SteeringVector
 
     # Everything cheap is checked before a model loads.
     if vector_file is None and (positive is None or negative is None):
@@ -245,7 +245,7 @@ def sweep_command(
     payload = result.as_dict()
     png = out_dir / "sweep.png"
     try:
-        from ..plots import plot_sweep
+        from pyactadd.measure.plots import plot_sweep
 
         plot_sweep(payload, png)
     except ImportError as exc:

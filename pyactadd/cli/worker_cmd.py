@@ -8,8 +8,8 @@ import threading
 
 import click
 
-from . import main
-from .params import is_loopback
+from pyactadd.cli import main
+from pyactadd.cli.params import is_loopback
 
 
 @main.command("worker")
@@ -39,7 +39,7 @@ def worker_command(host, port, threads, cache_dir):
       pyactadd worker --port 50052
       pyactadd worker --host 10.0.0.2 --port 50052 --threads 8
     """
-    from .. import rpc
+    from pyactadd.runtime import rpc
 
     endpoint = rpc.parse_endpoint(f"{host}:{port}")
     if not is_loopback(host):

@@ -14,7 +14,7 @@ a time, each with its own steering (vectors named in the request, loaded from
 
 from __future__ import annotations
 
-from .app import ServerConfig, create_app
-from .registry import VectorEntry, VectorRegistry
+from pyactadd.server.app import ServerConfig, create_app
+from pyactadd.server.registry import VectorEntry, VectorRegistry
 
 __all__ = ["ServerConfig", "VectorEntry", "VectorRegistry", "create_app"]

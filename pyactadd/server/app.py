@@ -31,11 +31,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import PyactaddError
-from .plan import Prepared, prepare
-from .registry import VectorRegistry
-from .schemas import ApiError, ChatCompletionRequest, CompletionRequest, check_vector_name, param_of
-from .worker import BackendLost, Event, Job, QueueFull, Worker
+from pyactadd.errors import PyactaddError
+from pyactadd.server.plan import Prepared, prepare
+from pyactadd.server.registry import VectorRegistry
+from pyactadd.server.schemas import ApiError, ChatCompletionRequest, CompletionRequest, check_vector_name, param_of
+from pyactadd.server.worker import BackendLost, Event, Job, QueueFull, Worker
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """From a validated request to what the worker runs: prompt token ids, steering, sampling.
 
 The prompt and the steering go through the very functions ``pyactadd run`` uses
-(:func:`pyactadd.generate.prompt_tokens` with the vectors' :func:`common_anchor`, and
+(:func:`pyactadd.runtime.generate.prompt_tokens` with the vectors' :func:`common_anchor`, and
 later :meth:`Steering.set` with the prompt length), so a request generates exactly what
 ``pyactadd run`` generates with the same settings and seed.
 
@@ -18,13 +18,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import InputError
-from ..generate import Sampling, common_anchor, prompt_tokens
-from ..steering import Alignment, Steering
-from ..tokens import apply_anchor
-from ..vector import SteeringVector
-from .registry import VectorRegistry
-from .schemas import (
+from pyactadd.errors import InputError
+from pyactadd.runtime.generate import Sampling, common_anchor, prompt_tokens
+from pyactadd.runtime.steering import Alignment, Steering
+from pyactadd.prompts.tokens import apply_anchor
+from pyactadd.vector.value import SteeringVector
+from pyactadd.server.registry import VectorRegistry
+from pyactadd.server.schemas import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     ApiError,
     ChatCompletionRequest,

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import PyactaddError
-from ..vector import ModelFingerprint, SteeringVector
-from .schemas import VECTOR_NAME
+from pyactadd.errors import PyactaddError
+from pyactadd.vector.value import ModelFingerprint, SteeringVector
+from pyactadd.server.schemas import VECTOR_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class VectorRegistry:
         Raises:
             PyactaddError: ``directory`` is not a directory.
         """
-        from ..errors import InputError
+        from pyactadd.errors import InputError
 
         root = Path(directory)
         if not root.is_dir():

@@ -16,8 +16,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..errors import InputError
-from ..steering import Alignment, parse_alignment
+from pyactadd.errors import InputError
+from pyactadd.runtime.steering import Alignment, parse_alignment
 
 # A vector name: what --vectors DIR's file stems and uploads are called. No path
 # separators, no leading dot, so a name can never be read as a file path.

@@ -33,10 +33,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InputError, ModelMismatchError
-from ..steering import Steering
-from .plan import Prepared
-from .schemas import ApiError
+from pyactadd.errors import InputError, ModelMismatchError
+from pyactadd.runtime.steering import Steering
+from pyactadd.server.plan import Prepared
+from pyactadd.server.schemas import ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class Worker:
         prepared = job.prepared
         sampling = prepared.sampling
         self._steering.reset_stats()
-        # The same call as pyactadd.generate.complete (what `pyactadd run` uses), plus the
+        # The same call as pyactadd.runtime.generate.complete (what `pyactadd run` uses), plus the
         # request's stop sequences and a criterion that ends a cancelled job at once.
         kwargs: dict[str, Any] = dict(
             prompt=list(prepared.ids),

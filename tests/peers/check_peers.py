@@ -114,7 +114,7 @@ def ensure_venv() -> str:
 
 def peer_model_dir(gguf_path: Path) -> Path:
     """pyactadd's float32 conversion of the GGUF, as a directory transformers 4.x reads the same way."""
-    from pyactadd import torch_model
+    from pyactadd.extract import torch_model
 
     torch_model.load_torch_model(gguf_path, progress=True)  # converts once into pyactadd's cache
     root = torch_model.cache_root()
@@ -211,13 +211,13 @@ def main() -> int:
 
     import torch
 
-    from pyactadd.convert import load, read_vector
+    from pyactadd.vector.convert import load, read_vector
     from pyactadd.default_model import default_model_path
-    from pyactadd.generate import load_llama, prompt_tokens
-    from pyactadd.pairs import extract_pairs, last_token_activations, load_pairs
-    from pyactadd.steering import Steering
-    from pyactadd.tokens import Tokenizer
-    from pyactadd.vector import SteeringVector
+    from pyactadd.runtime.generate import load_llama, prompt_tokens
+    from pyactadd.extract.pairs import extract_pairs, last_token_activations, load_pairs
+    from pyactadd.runtime.steering import Steering
+    from pyactadd.prompts.tokens import Tokenizer
+    from pyactadd.vector.value import SteeringVector
 
     gguf_path = default_model_path()
     model_dir = peer_model_dir(gguf_path)
@@ -262,7 +262,7 @@ def main() -> int:
     report.check("token ids: transformers 4.x from the GGUF == llama.cpp", f"{len(result['token_mismatches'])} of {len(texts)} prompts differ", not result["token_mismatches"])
     for mismatch in result["token_mismatches"][:3]:
         print(f"      {mismatch}")
-    from pyactadd.torch_model import load_torch_model
+    from pyactadd.extract.torch_model import load_torch_model
 
     torch_model = load_torch_model(gguf_path, progress=False)
     with torch.inference_mode():

@@ -1,0 +1,177 @@
+"""Text generation with llama.cpp (through llama-cpp-python), steered or not.
+
+Loads the model once, builds the prompt tokens (chat template, anchor), and runs
+completions with the same seed so a steered and an unsteered run differ only by the
+steering.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from pyactadd.errors import InputError
+from pyactadd.native import llama_cpp_module
+from pyactadd.runtime.steering import Alignment, Steering
+from pyactadd.vector.value import SteeringVector
+
+if TYPE_CHECKING:
+    from pyactadd.runtime.rpc import Placement
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings shared by the steered and unsteered runs."""
+
+    max_tokens: int = 48
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        """The settings as a plain dict (for JSON output)."""
+        return asdict(self)
+
+
+def load_llama(
+    model_path: str | os.PathLike,
+    *,
+    n_ctx: int = 2048,
+    n_threads: int | None = None,
+    n_batch: int = 512,
+    placement: "Placement | None" = None,
+):
+    """Load a GGUF model into llama.cpp with a steering engine attached.
+
+    ``placement`` puts the model's layers on llama.cpp RPC workers (``pyactadd worker``)
+    instead of this process; steering works the same either way.
+
+    Raises:
+        InputError: the file is missing, llama.cpp cannot load it, or a worker is not reachable.
+    """
+    lc = llama_cpp_module()
+    path = Path(model_path)
+    if not path.is_file():
+        raise InputError(f"no such model file: {path}")
+    if n_ctx < 16:
+        raise InputError(f"--n-ctx must be at least 16, got {n_ctx}")
+    kwargs = dict(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_ubatch=n_batch,
+        n_threads=n_threads or max(1, min(os.cpu_count() or 1, 8)),
+        verbose=False,
+    )
+    placed = contextlib.nullcontext({})
+    if placement is not None:
+        from pyactadd.runtime import rpc
+
+        placed = rpc.placed(placement)
+    try:
+        with placed as extra:
+            llama = lc.Llama(**kwargs, **extra)
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"llama.cpp cannot load {path}: {exc}; is it a GGUF model file?") from None
+    Steering.of(llama)
+    return llama
+
+
+def chat_prompt(llama, user_text: str) -> str:
+    """Wrap ``user_text`` in the model's own chat template as a single user turn."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llama.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise InputError("this model has no chat template in its GGUF: drop --chat")
+    special = lambda token_id: llama.detokenize([token_id], special=True).decode("utf-8", "replace")  # noqa: E731
+    formatter = Jinja2ChatFormatter(
+        template=template, eos_token=special(llama.token_eos()), bos_token=special(llama.token_bos())
+    )
+    return formatter(messages=[{"role": "user", "content": user_text}]).prompt
+
+
+def prompt_tokens(llama, prompt: str, *, chat: bool = False, anchor_id: int | None = None) -> list[int]:
+    """The token ids llama.cpp evaluates for ``prompt`` (chat template and anchor applied)."""
+    from pyactadd.prompts.tokens import apply_anchor
+
+    if not prompt or not prompt.strip():
+        raise InputError("empty prompt: give a non-empty text")
+    if chat:
+        # The template writes its own BOS text where the model wants one.
+        ids = llama.tokenize(chat_prompt(llama, prompt).encode("utf-8"), add_bos=False, special=True)
+    else:
+        ids = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+    return apply_anchor(ids, anchor_id)
+
+
+def common_anchor(vectors: Sequence[tuple[SteeringVector, float]]) -> int | None:
+    """The anchor token all ``vectors`` were extracted with (None when none uses one)."""
+    anchors = {v.anchor_id for v, _ in vectors if v.anchor_id is not None}
+    if len(anchors) > 1:
+        raise InputError(f"the steering vectors use different anchor tokens {sorted(anchors)}: extract them with one --anchor")
+    return anchors.pop() if anchors else None
+
+
+def complete(llama, ids: Sequence[int], sampling: Sampling, *, on_text: Callable[[str], None] | None = None) -> str:
+    """Generate a completion of the token ids with the steering currently set on ``llama``.
+
+    ``on_text`` receives text pieces as they are generated (for streaming to a terminal).
+    """
+    steering = Steering.of(llama)
+    steering.reset_stats()
+    if len(ids) + sampling.max_tokens > llama.n_ctx():
+        raise InputError(
+            f"prompt ({len(ids)} tokens) plus --max-tokens {sampling.max_tokens} exceeds the context of {llama.n_ctx()}: "
+            "raise --n-ctx or lower --max-tokens"
+        )
+    kwargs = dict(
+        prompt=list(ids),
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+    )
+    if on_text is None:
+        text = llama.create_completion(**kwargs)["choices"][0]["text"]
+    else:
+        pieces = []
+        for chunk in llama.create_completion(stream=True, **kwargs):
+            piece = chunk["choices"][0]["text"]
+            pieces.append(piece)
+            on_text(piece)
+        text = "".join(pieces)
+    steering.check_errors()
+    return text
+
+
+def run(
+    llama,
+    prompt: str,
+    vectors: Sequence[tuple[SteeringVector, float]],
+    sampling: Sampling,
+    *,
+    align: Alignment | None = None,
+    chat: bool = False,
+    compare: bool = False,
+    on_text: Callable[[str], None] | None = None,
+) -> dict:
+    """Run the steered completion (and the unsteered one first when ``compare``) of one prompt.
+
+    Returns a dict with ``prompt_tokens``, ``steered`` and, with ``compare``, ``unsteered``.
+    """
+    steering = Steering.of(llama)
+    ids = prompt_tokens(llama, prompt, chat=chat, anchor_id=common_anchor(vectors))
+    result: dict = {"prompt_tokens": ids}
+    if compare:
+        steering.clear()
+        result["unsteered"] = complete(llama, ids, sampling)
+    steering.set(list(vectors), align=align, prompt_length=len(ids))
+    try:
+        result["steered"] = complete(llama, ids, sampling, on_text=on_text)
+    finally:
+        steering.clear()
+    return result

@@ -1,0 +1,270 @@
+"""Steering a ``llama_cpp.Llama``: attach the C++ engine and set what it adds.
+
+This is the only module that touches llama-cpp-python's internals (its context object),
+which is why llama-cpp-python is pinned: the engine must be installed as the context's
+eval callback, and llama.cpp only reads that callback when a context is created, so
+attaching re-creates the Llama's context with the callback in its parameters.
+
+Alignment of a vector's rows [P, n_embd] with the sequence:
+
+* ``front``: row p at absolute position p (the paper's method).
+* an integer ``k``: row p at position p + k.
+* ``back``: the last row at the last prompt token (needs the prompt length).
+* ``all``: a 1-D vector (P = 1) at every position, prompt and generated, through
+  llama.cpp's own control-vector mechanism (``llama_set_adapter_cvec``), so it costs no
+  callback work; block input 1 (which llama.cpp's control vectors cannot reach) goes
+  through the engine instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from dataclasses import dataclass
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+
+from pyactadd.errors import EngineError, InputError
+from pyactadd.vector.layers import to_llama_index
+from pyactadd.native import engine_module, llama_cpp_module
+from pyactadd.vector.value import ModelFingerprint, SteeringVector
+
+Alignment = Union[str, int]
+ALIGNMENTS = ("front", "back", "all")
+
+
+def parse_alignment(value: str | int) -> Alignment:
+    """Turn ``front``, ``back``, ``all`` or an integer offset (as text or int) into an alignment."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise InputError(f"alignment offset must be >= 0, got {value}")
+        return value
+    text = str(value).strip().lower()
+    if text in ALIGNMENTS:
+        return text
+    try:
+        return parse_alignment(int(text))
+    except ValueError:
+        raise InputError(f"unknown alignment {value!r}: use front, back, all or a non-negative position offset") from None
+
+
+@dataclass(frozen=True)
+class Applied:
+    """One vector as the engine holds it: which file rows go where."""
+
+    vector: SteeringVector
+    coeff: float
+    align: Alignment
+    offset: int | None  # first position of row 0; None for "all"
+
+
+def model_fingerprint(llama) -> ModelFingerprint:
+    """The fingerprint (architecture, n_embd, n_layer, n_vocab) of a loaded llama_cpp.Llama."""
+    lc = llama_cpp_module()
+    return ModelFingerprint(
+        architecture=llama.metadata.get("general.architecture"),
+        n_embd=int(llama.n_embd()),
+        n_layer=int(lc.llama_model_n_layer(llama.model)),
+        n_vocab=int(llama.n_vocab()),
+    )
+
+
+class Steering:
+    """Per-position steering of one ``llama_cpp.Llama``.
+
+    Create it once per Llama (it re-creates the Llama's context with the engine attached),
+    then :meth:`set` vectors and :meth:`clear` them as often as needed. Every change
+    resets the Llama's token cache, so a prompt prefix evaluated under other steering is
+    never reused.
+
+    Example::
+
+        llm = llama_cpp.Llama(model_path, n_ctx=512)
+        steering = Steering.of(llm)
+        steering.set([(SteeringVector.load("love.gguf"), 4.0)])
+        print(llm.create_completion("I hate you because")["choices"][0]["text"])
+        steering.clear()
+    """
+
+    def __init__(self, llama, *, force_device_copy: bool = False) -> None:
+        engine_mod = engine_module()
+        self._llama = llama
+        self.fingerprint = model_fingerprint(llama)
+        self._engine = engine_mod.Engine(self.fingerprint.n_embd, self.fingerprint.n_layer, force_device_copy)
+        self._applied: list[Applied] = []
+        self._cvec_active = False
+        self._attach()
+
+    @classmethod
+    def of(cls, llama, *, force_device_copy: bool = False) -> "Steering":
+        """The Steering attached to ``llama``, attaching one on first use."""
+        existing = getattr(llama, "_pyactadd_steering", None)
+        if existing is None:
+            existing = cls(llama, force_device_copy=force_device_copy)
+        else:
+            existing.set_force_device_copy(force_device_copy)
+        return existing
+
+    def _attach(self) -> None:
+        from llama_cpp import _internals
+
+        llama = self._llama
+        if getattr(llama, "_pyactadd_steering", None) is not None:
+            raise EngineError("this Llama already has a pyactadd Steering: use Steering.of(llama)")
+        params = llama.context_params
+        self._engine.attach(ctypes.addressof(params))
+        new_ctx = _internals.LlamaContext(model=llama._model, params=params, verbose=llama.verbose)
+        old_ctx = llama._ctx
+        llama._ctx = llama._stack.enter_context(contextlib.closing(new_ctx))
+        old_ctx.close()
+        # The engine is referenced from the C context through user_data, so it must live
+        # as long as the Llama: keep it on the Llama itself.
+        llama._pyactadd_steering = self
+        llama.reset()
+
+    @property
+    def applied(self) -> tuple[Applied, ...]:
+        """The vectors currently in force."""
+        return tuple(self._applied)
+
+    def set_force_device_copy(self, force: bool) -> None:
+        """Route every write through ggml-backend get/set, the path GPU buffers take (for tests)."""
+        self._engine.set_force_device_copy(bool(force))
+
+    def stats(self) -> dict[str, int]:
+        """The engine's counters (layer outputs steered, rows added, device copies, errors)."""
+        return dict(self._engine.stats())
+
+    def reset_stats(self) -> None:
+        """Zero the engine's counters."""
+        self._engine.reset_stats()
+
+    def check_errors(self) -> None:
+        """Raise EngineError if the engine had to skip a tensor since the last reset_stats()."""
+        if self._engine.stats()["n_errors"]:
+            message = self._engine.last_error()
+            self._engine.reset_stats()
+            raise EngineError(f"steering engine: {message}")
+
+    def set(
+        self,
+        vectors: SteeringVector | Sequence[tuple[SteeringVector, float]],
+        *,
+        align: Alignment | None = None,
+        prompt_length: int | None = None,
+        use_llama_cvec: bool = True,
+    ) -> None:
+        """Replace the steering in force by ``vectors`` (each with a coefficient).
+
+        Args:
+            vectors: one vector (coefficient 1) or pairs ``(vector, coeff)``; their rows sum.
+            align: override every vector's own alignment (``front``, ``back``, ``all`` or an offset).
+            prompt_length: the number of prompt tokens, needed by ``back`` alignment.
+            use_llama_cvec: apply ``all`` alignment through llama.cpp's control vector (no
+                callback cost); False sends it through the engine, which the tests use to
+                check the engine against llama.cpp.
+
+        Raises:
+            ModelMismatchError: a vector was made for another model.
+            InputError: an alignment the vector cannot take, or a span that does not fit the context.
+        """
+        if isinstance(vectors, SteeringVector):
+            vectors = [(vectors, 1.0)]
+        n_ctx = int(self._llama.n_ctx())
+        planned: list[Applied] = []
+        for vector, coeff in vectors:
+            vector.check_fits(self.fingerprint)
+            coeff = float(coeff)
+            if not np.isfinite(coeff):
+                raise InputError(f"coefficient must be a finite number, got {coeff}")
+            chosen = parse_alignment(align if align is not None else vector.alignment)
+            planned.append(Applied(vector, coeff, chosen, self.first_position(vector, chosen, prompt_length, n_ctx)))
+        self._apply(planned, use_llama_cvec)
+
+    def clear(self) -> None:
+        """Remove all steering; the Llama runs unsteered."""
+        self._apply([])
+
+    @contextlib.contextmanager
+    def steer(self, vectors, *, align: Alignment | None = None, prompt_length: int | None = None) -> Iterator["Steering"]:
+        """Context manager: steering in force inside the block, cleared after it."""
+        self.set(vectors, align=align, prompt_length=prompt_length)
+        try:
+            yield self
+        finally:
+            self.clear()
+
+    @staticmethod
+    def first_position(vector: SteeringVector, align: Alignment, prompt_length: int | None, n_ctx: int) -> int | None:
+        """The position where ``vector``'s first row lands under ``align`` (``None`` for 'all').
+
+        Raises:
+            InputError: the alignment does not fit the vector, the prompt, or the context.
+        """
+        n_rows = vector.n_positions
+        if align == "all":
+            if n_rows != 1:
+                raise InputError(
+                    f"alignment 'all' adds one vector at every position, but this vector has {n_rows} rows: "
+                    "use front/back/an offset, or reduce it to one row"
+                )
+            return None
+        if align == "front":
+            offset = 0
+        elif align == "back":
+            if prompt_length is None:
+                raise InputError("alignment 'back' needs the prompt length")
+            offset = prompt_length - n_rows
+            if offset < 0:
+                raise InputError(
+                    f"back alignment: the vector spans {n_rows} positions but the prompt has only {prompt_length} tokens; "
+                    "use front alignment or a longer prompt"
+                )
+        else:
+            offset = int(align)
+        if offset + n_rows > n_ctx:
+            raise InputError(
+                f"the steered span (positions {offset}..{offset + n_rows - 1}) does not fit the context of {n_ctx} tokens: "
+                "raise --n-ctx or use a shorter vector"
+            )
+        return offset
+
+    def _apply(self, planned: list[Applied], use_llama_cvec: bool = True) -> None:
+        lc = llama_cpp_module()
+        n_embd, n_layer = self.fingerprint.n_embd, self.fingerprint.n_layer
+        self._engine.clear()
+        # llama.cpp's control vector covers block outputs 1..n_layer-1; one buffer for all.
+        cvec = np.zeros((n_layer - 1, n_embd), dtype=np.float32)
+        use_cvec = False
+        try:
+            for item in planned:
+                for layer in item.vector.layer_ids:
+                    il = to_llama_index(layer)
+                    rows = np.ascontiguousarray(item.vector.layers[layer] * np.float32(item.coeff), dtype=np.float32)
+                    if item.offset is None and il >= 1 and use_llama_cvec:
+                        cvec[il - 1] += rows[0]
+                        use_cvec = True
+                    elif item.offset is None:
+                        self._engine.add(il, rows, 0, True)
+                    else:
+                        self._engine.add(il, rows, item.offset, False)
+        except ValueError as exc:  # the engine's own validation; should not happen after check_fits
+            self._engine.clear()
+            raise EngineError(f"steering engine refused a vector: {exc}") from None
+        ctx = self._llama.ctx
+        if use_cvec:
+            data = cvec.reshape(-1)
+            rc = lc.llama_set_adapter_cvec(
+                ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), data.size, n_embd, 1, n_layer - 1
+            )
+            if rc != 0:
+                self._engine.clear()
+                raise EngineError("llama.cpp refused the control vector (llama_set_adapter_cvec failed)")
+            self._cvec_active = True
+        elif self._cvec_active:
+            lc.llama_set_adapter_cvec(ctx, None, 0, n_embd, -1, -1)
+            self._cvec_active = False
+        self._applied = planned
+        # Positions already in the KV cache were computed under the old steering.
+        self._llama.reset()

@@ -19,6 +19,12 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 """The llama-cpp-python release the engine is compiled against (also pinned in pyproject.toml)."""
 
 
+def default_threads() -> int:
+    """llama.cpp threads when none are given: every core, at most 8 (past that, decoding
+    on the CPU stops getting faster and other processes starve)."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
 def check_llama_cpp_version() -> None:
     """Raise InstallError unless the pinned llama-cpp-python is installed."""
     try:

@@ -173,7 +173,7 @@ def _load_gguf(path: Path, stat: os.stat_result, *, progress: bool) -> torch.nn.
             flush=True,
         )
     if plan is not None:
-        from pyactadd import llama_lite  # imports torch: after the message, which should come at once
+        from pyactadd.extract import llama_lite  # imports torch: after the message, which should come at once
 
         # read_plan only writes configs llama_lite reproduces; this guards a stricter llama_lite.
         if llama_lite.supports(plan.config):

@@ -52,15 +52,52 @@ def rates(llama, ids: list[int], n_gen: int) -> tuple[float, float, dict, dict]:
     return prefill, generation, prefill_stats, steering.stats()
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--generate", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="threads per worker and for the local model")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def sample(models: dict, variants: dict, ids: list[int], rounds: int, n_gen: int) -> dict:
+    """``rates`` of every (where, variant), interleaved over the rounds; the warm-up round dropped."""
+    samples = {(where, name): [] for where in models for name in variants}
+    for _ in range(rounds + 1):  # the first round warms up and is dropped
+        for where, llama in models.items():
+            for name, vectors in variants.items():
+                steering = Steering.of(llama)
+                steering.clear()
+                if vectors:
+                    steering.set(vectors, align="front")
+                samples[(where, name)].append(rates(llama, ids, n_gen))
+                steering.clear()
+    return {key: runs[1:] for key, runs in samples.items()}
+
+
+def summarize(samples: dict, n_gen: int) -> dict[str, dict]:
+    """Median rates, device copies and the ratio to the unsteered run, per (where, variant)."""
+    results: dict[str, dict] = {}
+    for (where, name), runs in samples.items():
+        prefill_stats, gen_stats = runs[-1][2], runs[-1][3]
+        n_prefill_batches = 1  # the whole prompt is one micro-batch (n_batch = n_ubatch = 512)
+        results[f"{where}: {name}"] = {
+            "prefill_tok_s": statistics.median(r[0] for r in runs),
+            "generation_tok_s": statistics.median(r[1] for r in runs),
+            "copies_per_prefill_microbatch": prefill_stats["n_device_copies"] / n_prefill_batches,
+            "copies_per_generated_token": gen_stats["n_device_copies"] / n_gen,
+        }
+    for (where, name) in samples:
+        base, r = results[f"{where}: unsteered"], results[f"{where}: {name}"]
+        r["prefill_ratio"] = r["prefill_tok_s"] / base["prefill_tok_s"]
+        r["generation_ratio"] = r["generation_tok_s"] / base["generation_tok_s"]
+    return results
+
+
+def main() -> int:
+    args = parse_args()
     model = default_model_path()
     # Not stopped before exit: the model frees its RPC buffers as the process ends, and the
     # workers end with it (LocalWorkers ties them to this process).
@@ -80,34 +117,7 @@ def main() -> int:
         "front, 1 layer, P=8": [(vector([6]), 1.0)],
         "front, 4 layers, P=8": [(vector([4, 8, 12, 16]), 1.0)],
     }
-    results: dict[str, dict] = {}
-    samples = {(where, name): [] for where in ("local", "rpc") for name in variants}
-    for _ in range(args.rounds + 1):  # the first round warms up and is dropped
-        for where, llama in (("local", local), ("rpc", remote)):
-            for name, vectors in variants.items():
-                steering = Steering.of(llama)
-                steering.clear()
-                if vectors:
-                    steering.set(vectors, align="front")
-                samples[(where, name)].append(rates(llama, ids, args.generate))
-                steering.clear()
-    for (where, name), runs in samples.items():
-        runs = runs[1:]
-        prefill_stats, gen_stats = runs[-1][2], runs[-1][3]
-        n_prefill_batches = 1  # the whole prompt is one micro-batch (n_batch = n_ubatch = 512)
-        results[f"{where}: {name}"] = {
-            "prefill_tok_s": statistics.median(r[0] for r in runs),
-            "generation_tok_s": statistics.median(r[1] for r in runs),
-            "copies_per_prefill_microbatch": prefill_stats["n_device_copies"] / n_prefill_batches,
-            "copies_per_generated_token": gen_stats["n_device_copies"] / args.generate,
-        }
-    for where in ("local", "rpc"):
-        base = results[f"{where}: unsteered"]
-        for name in variants:
-            r = results[f"{where}: {name}"]
-            r["prefill_ratio"] = r["prefill_tok_s"] / base["prefill_tok_s"]
-            r["generation_ratio"] = r["generation_tok_s"] / base["generation_tok_s"]
-
+    results = summarize(sample({"local": local, "rpc": remote}, variants, ids, args.rounds, args.generate), args.generate)
     print(f"\nDefault model, prompt {len(ids)} tokens, {args.generate} generated, {args.threads} thread(s) per process, "
           f"2 workers on loopback, median of {args.rounds} rounds\n")
     print("| where: steering | prefill tok/s | vs unsteered | generation tok/s | vs unsteered | copies / prefill micro-batch | copies / generated token |")

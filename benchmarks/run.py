@@ -34,17 +34,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from pyactadd.default_model import default_model_path
 from pyactadd.runtime.generate import load_llama
 from pyactadd.runtime.steering import Steering
-from pyactadd.vector import SteeringVector
-
-ROOT = Path(__file__).resolve().parents[1]
+from pyactadd.vector import ModelFingerprint, SteeringVector
 
 TEXT = (
     "The harbour was quiet that morning. Fishing boats rocked against the pier while gulls argued over "
@@ -224,109 +223,167 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def rate_rows(results: dict[str, dict[str, float]]) -> list[list[str]]:
+    """One table row per configuration: prefill and generation tok/s and their ratios."""
+    return [
+        [name, f"{r['prefill_tok_s']:.0f}", f"{r['prefill_ratio']:.3f}", f"{r['generation_tok_s']:.1f}", f"{r['generation_ratio']:.3f}"]
+        for name, r in results.items()
+    ]
+
+
+def nothing() -> None:
+    """No steering to apply (the configuration runs as reset_steering left it)."""
+
+
+@dataclass
+class Bench:
+    """What every section measures on: two Llamas of the default model, the prompt and the sizes."""
+
+    plain: Any  # llama-cpp-python as users have it, without pyactadd's callback
+    llama: Any  # a second Llama of the same model with the engine attached
+    steering: Steering
+    all_ids: list[int]
+    n_prompt: int
+    n_gen: int
+    repeats: int
+    quick: bool
+    layer: int = 6
+    n_rows: int = 8
+
+    @property
+    def fp(self) -> ModelFingerprint:
+        return self.steering.fingerprint
+
+    @property
+    def ids(self) -> list[int]:
+        return self.all_ids[: self.n_prompt]
+
+    def front(self) -> SteeringVector:
+        """The main steered configuration: ``n_rows`` front-aligned random rows at ``layer``."""
+        return random_vector(self.fp, [self.layer], self.n_rows, "front")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes (a smoke run)")
     parser.add_argument("--json", type=Path, help="write every number as JSON here")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-extract", action="store_true", help="skip the extraction timings")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
-    repeats = 3 if args.quick else 7
-    n_prompt, n_gen = (128, 32) if args.quick else (256, 64)
-    layer, n_rows = 6, 8
 
-    # (a) and (b) run on llama-cpp-python as users have it, without pyactadd's callback;
-    # (c) and (d) on a second Llama of the same model with the engine attached.
+def make_bench(args: argparse.Namespace) -> Bench:
+    """Load the two Llamas and tokenize the prompt; sizes shrink with ``--quick``."""
     plain = load_llama(default_model_path(), n_ctx=4096, n_threads=args.threads)
     llama = load_llama(default_model_path(), n_ctx=4096, n_threads=args.threads)
     steering = Steering.of(llama)
     ATTACHED.append(llama)
-    fp = steering.fingerprint
     all_ids = llama.tokenize((TEXT * 120).encode(), add_bos=True, special=True)
-    ids = all_ids[:n_prompt]
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, Python {platform.python_version()}"
-    report: dict[str, object] = {"machine": machine, "prompt_tokens": n_prompt, "generated_tokens": n_gen, "repeats": repeats}
-    out = []
+    n_prompt, n_gen = (128, 32) if args.quick else (256, 64)
+    return Bench(plain, llama, steering, all_ids, n_prompt, n_gen, 3 if args.quick else 7, args.quick)
 
-    front = random_vector(fp, [layer], n_rows, "front")
+
+def speed_section(bench: Bench, threads: int, report: dict[str, Any]) -> str:
+    """Variants (a) to (e) against each other; the headline ratios go into ``report``."""
+    fp, layer, steering = bench.fp, bench.layer, bench.steering
+    front = bench.front()
     one_row = random_vector(fp, [layer], 1, "all")
-    nothing = lambda: None  # noqa: E731
-    main_configs = {
-        "(a) llama.cpp unsteered": (plain, nothing),
-        "(b) llama.cpp control vector, every position": (plain, lambda: llama_cvec(plain, fp, layer, one_row.layers[layer][0])),
-        "(c) pyactadd front, P=8": (llama, lambda: steering.set([(front, 1.0)])),
-        "(d) pyactadd all (llama.cpp cvec)": (llama, lambda: steering.set([(one_row, 1.0)])),
-        "(d') pyactadd all through the engine": (llama, lambda: steering.set([(one_row, 1.0)], use_llama_cvec=False)),
-        "(a') pyactadd attached, nothing set": (llama, steering.clear),
+    configs = {
+        "(a) llama.cpp unsteered": (bench.plain, nothing),
+        "(b) llama.cpp control vector, every position": (bench.plain, lambda: llama_cvec(bench.plain, fp, layer, one_row.layers[layer][0])),
+        "(c) pyactadd front, P=8": (bench.llama, lambda: steering.set([(front, 1.0)])),
+        "(d) pyactadd all (llama.cpp cvec)": (bench.llama, lambda: steering.set([(one_row, 1.0)])),
+        "(d') pyactadd all through the engine": (bench.llama, lambda: steering.set([(one_row, 1.0)], use_llama_cvec=False)),
+        "(a') pyactadd attached, nothing set": (bench.llama, steering.clear),
     }
-    results = measure(main_configs, ids, n_gen, repeats)
-    torch_rates = torch_hook_rates(front.layers[layer], layer, ids, n_gen, max(2, repeats // 2), args.threads)
+    results = measure(configs, bench.ids, bench.n_gen, bench.repeats)
+    torch_rates = torch_hook_rates(front.layers[layer], layer, bench.ids, bench.n_gen, max(2, bench.repeats // 2), threads)
     base = results["(a) llama.cpp unsteered"]
     torch_rates["prefill_ratio"] = torch_rates["prefill_tok_s"] / base["prefill_tok_s"]
     torch_rates["generation_ratio"] = torch_rates["generation_tok_s"] / base["generation_tok_s"]
     results["(e) transformers + PyTorch pre-hook (float32)"] = torch_rates
-    rows = [
-        [name, f"{r['prefill_tok_s']:.0f}", f"{r['prefill_ratio']:.3f}", f"{r['generation_tok_s']:.1f}", f"{r['generation_ratio']:.3f}"]
-        for name, r in results.items()
-    ]
-    out.append(table(
-        f"Speed (prompt {n_prompt} tokens, {n_gen} generated; tok/s: median of {repeats}; vs (a): median of per-round ratios)",
-        ["variant", "prefill tok/s", "vs (a)", "generation tok/s", "vs (a)"], rows,
-    ))
     c = results["(c) pyactadd front, P=8"]
     report["variants"] = results
     report["generation_ratio_vs_unsteered"] = c["generation_ratio"]
     report["prefill_ratio_vs_unsteered"] = c["prefill_ratio"]
     report["generation_speedup_vs_torch_hooks"] = c["generation_tok_s"] / torch_rates["generation_tok_s"]
     report["prefill_speedup_vs_torch_hooks"] = c["prefill_tok_s"] / torch_rates["prefill_tok_s"]
+    return table(
+        f"Speed (prompt {bench.n_prompt} tokens, {bench.n_gen} generated; tok/s: median of {bench.repeats}; vs (a): median of per-round ratios)",
+        ["variant", "prefill tok/s", "vs (a)", "generation tok/s", "vs (a)"], rate_rows(results),
+    )
 
-    # Scaling with steered layers and positions (all on the attached Llama, against it unsteered).
-    scale_configs: dict[str, tuple[object, Callable[[], None]]] = {"unsteered (plain llama.cpp)": (plain, nothing)}
+
+def scaling_section(bench: Bench, report: dict[str, Any]) -> str:
+    """Speed as the steered layers and positions grow (on the attached Llama, against plain llama.cpp)."""
+    fp, steering, n_rows = bench.fp, bench.steering, bench.n_rows
+    configs: dict[str, tuple[object, Callable[[], None]]] = {"unsteered (plain llama.cpp)": (bench.plain, nothing)}
     for n_layers in (1, 4, fp.n_layer - 1):
         v = random_vector(fp, list(range(1, 1 + n_layers)), n_rows, "front")
-        scale_configs[f"front P={n_rows}, {n_layers} layers"] = (llama, lambda v=v: steering.set([(v, 1.0)]))
+        configs[f"front P={n_rows}, {n_layers} layers"] = (bench.llama, lambda v=v: steering.set([(v, 1.0)]))
     for n_pos in (1, 64):
-        v = random_vector(fp, [layer], n_pos, "front")
-        scale_configs[f"front P={n_pos}, 1 layer"] = (llama, lambda v=v: steering.set([(v, 1.0)]))
-    scale = measure(scale_configs, ids, n_gen, max(3, repeats // 2))
-    out.append(table("Scaling: steered layers and positions", ["variant", "prefill tok/s", "vs unsteered", "generation tok/s", "vs unsteered"], [
-        [name, f"{r['prefill_tok_s']:.0f}", f"{r['prefill_ratio']:.3f}", f"{r['generation_tok_s']:.1f}", f"{r['generation_ratio']:.3f}"]
-        for name, r in scale.items()
-    ]))
+        v = random_vector(fp, [bench.layer], n_pos, "front")
+        configs[f"front P={n_pos}, 1 layer"] = (bench.llama, lambda v=v: steering.set([(v, 1.0)]))
+    scale = measure(configs, bench.ids, bench.n_gen, max(3, bench.repeats // 2))
     report["scaling_layers_positions"] = scale
+    header = ["variant", "prefill tok/s", "vs unsteered", "generation tok/s", "vs unsteered"]
+    return table("Scaling: steered layers and positions", header, rate_rows(scale))
 
-    # Prefill time as the prompt grows.
-    lengths = (64, 256, 1024) if args.quick else (64, 256, 1024, 2048)
-    prompt_rows = []
+
+def prefill_length_section(bench: Bench, report: dict[str, Any]) -> str:
+    """Prefill time as the prompt grows, unsteered against front-aligned steering."""
+    front = bench.front()
+    configs = {"unsteered": (bench.plain, nothing), "front": (bench.llama, lambda: bench.steering.set([(front, 1.0)]))}
+    lengths = (64, 256, 1024) if bench.quick else (64, 256, 1024, 2048)
+    rows = []
     report["prefill_by_length"] = {}
     for length in lengths:
-        configs = {"unsteered": (plain, nothing), "front": (llama, lambda: steering.set([(front, 1.0)]))}
-        r = measure(configs, all_ids[:length], 0, max(3, repeats // 2))
+        r = measure(configs, bench.all_ids[:length], 0, max(3, bench.repeats // 2))
         u, s = length / r["unsteered"]["prefill_tok_s"], length / r["front"]["prefill_tok_s"]
-        prompt_rows.append([str(length), f"{u * 1000:.0f}", f"{s * 1000:.0f}", f"{r['front']['prefill_ratio']:.3f}"])
+        rows.append([str(length), f"{u * 1000:.0f}", f"{s * 1000:.0f}", f"{r['front']['prefill_ratio']:.3f}"])
         report["prefill_by_length"][length] = {"unsteered_s": u, "steered_s": s, "ratio": r["front"]["prefill_ratio"]}
-    out.append(table("Prefill time by prompt length (front, P=8)", ["prompt tokens", "unsteered ms", "steered ms", "speed ratio"], prompt_rows))
+    title = f"Prefill time by prompt length (front, P={bench.n_rows})"
+    return table(title, ["prompt tokens", "unsteered ms", "steered ms", "speed ratio"], rows)
 
-    if not args.skip_extract:
-        ext = extraction_numbers(fp.n_layer, 3 if args.quick else 5)
-        report.update(ext)
-        out.append(table("pyactadd extract (one pair, whole process)", ["measure", "value"], [
-            ["cold (empty cache: GGUF → PyTorch conversion)", f"{ext['extract_cold_s']:.1f} s"],
-            ["warm (cached weights)", f"{ext['extract_warm_s']:.2f} s"],
-            [f"warm, all {fp.n_layer - 1} layers in one file", f"{ext['extract_warm_all_layers_s']:.2f} s"],
-            ["per extra layer", f"{ext['extract_per_extra_layer_s'] * 1000:.0f} ms"],
-            ["peak memory cold / warm", f"{ext['extract_peak_mib_cold']:.0f} / {ext['extract_peak_mib_warm']:.0f} MiB"],
-        ]))
 
-    print(f"Default model (SmolLM2-135M-Instruct Q4_1) on {machine}\n")
-    print("\n".join(out))
-    print(
+def extraction_section(bench: Bench, report: dict[str, Any]) -> str:
+    """`pyactadd extract` as a whole process: cold, warm, all layers, peak memory."""
+    n_layer = bench.fp.n_layer
+    ext = extraction_numbers(n_layer, 3 if bench.quick else 5)
+    report.update(ext)
+    return table("pyactadd extract (one pair, whole process)", ["measure", "value"], [
+        ["cold (empty cache: GGUF → PyTorch conversion)", f"{ext['extract_cold_s']:.1f} s"],
+        ["warm (cached weights)", f"{ext['extract_warm_s']:.2f} s"],
+        [f"warm, all {n_layer - 1} layers in one file", f"{ext['extract_warm_all_layers_s']:.2f} s"],
+        ["per extra layer", f"{ext['extract_per_extra_layer_s'] * 1000:.0f} ms"],
+        ["peak memory cold / warm", f"{ext['extract_peak_mib_cold']:.0f} / {ext['extract_peak_mib_warm']:.0f} MiB"],
+    ])
+
+
+def targets_line(report: dict[str, Any]) -> str:
+    """The figures against their targets (the targets are in the module docstring)."""
+    line = (
         f"Targets: generation (c)/(a) = {report['generation_ratio_vs_unsteered']:.3f} (>= 0.97), "
         f"prefill (c)/(a) = {report['prefill_ratio_vs_unsteered']:.3f} (>= 0.9), "
         f"(c)/(e) generation = {report['generation_speedup_vs_torch_hooks']:.1f}x (>= 5)"
-        + (f", warm extract {report['extract_warm_s']:.2f} s (<= 3), cold {report['extract_cold_s']:.1f} s (<= 30)" if "extract_warm_s" in report else "")
     )
+    if "extract_warm_s" in report:
+        line += f", warm extract {report['extract_warm_s']:.2f} s (<= 3), cold {report['extract_cold_s']:.1f} s (<= 30)"
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every section, print the tables and the targets, and write ``--json``."""
+    args = parse_args(argv)
+    bench = make_bench(args)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, Python {platform.python_version()}"
+    report: dict[str, Any] = {"machine": machine, "prompt_tokens": bench.n_prompt, "generated_tokens": bench.n_gen, "repeats": bench.repeats}
+    out = [speed_section(bench, args.threads, report), scaling_section(bench, report), prefill_length_section(bench, report)]
+    if not args.skip_extract:
+        out.append(extraction_section(bench, report))
+    print(f"Default model (SmolLM2-135M-Instruct Q4_1) on {machine}\n")
+    print("\n".join(out))
+    print(targets_line(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")

@@ -40,44 +40,43 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def request_body(kind: str, index: int, max_tokens: int, coeff: float) -> bytes:
+    """Request ``index`` of one load: steered, unsteered, or alternating for "mixed"."""
+    request = {"prompt": PROMPTS[index % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
+    if kind == "steered" or (kind == "mixed" and index % 2 == 0):
+        request["steering"] = [{"vector": "love", "coeff": coeff}]
+    return json.dumps(request).encode()
+
+
+def post(connection: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes, float]:
+    """POST one completion, backing off while the queue is full; (status, body, seconds of the answered try)."""
+    while True:
+        started = time.perf_counter()
+        connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        data = response.read()
+        if response.status != 503:
+            return response.status, data, time.perf_counter() - started
+        time.sleep(min(float(response.getheader("Retry-After") or 1), 2.0))  # queue full: back off as told
+
+
 def load(url: str, kind: str, n_requests: int, concurrency: int, max_tokens: int, coeff: float) -> dict:
     """Send ``n_requests`` of one kind from ``concurrency`` clients; return timings."""
     parts = urlsplit(url)
     lock = threading.Lock()
-    next_index = [0]
+    indices = iter(range(n_requests))
     latencies: list[float] = []
     tokens = [0]
     errors: list[str] = []
 
-    def body(index: int) -> bytes:
-        request = {"prompt": PROMPTS[index % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
-        steered = kind == "steered" or (kind == "mixed" and index % 2 == 0)
-        if steered:
-            request["steering"] = [{"vector": "love", "coeff": coeff}]
-        return json.dumps(request).encode()
-
     def client() -> None:
         connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
         try:
-            while True:
+            while (index := _next(indices, lock)) is not None:
+                status, data, elapsed = post(connection, request_body(kind, index, max_tokens, coeff))
                 with lock:
-                    index = next_index[0]
-                    if index >= n_requests:
-                        return
-                    next_index[0] += 1
-                while True:
-                    started = time.perf_counter()
-                    connection.request("POST", "/v1/completions", body=body(index), headers={"Content-Type": "application/json"})
-                    response = connection.getresponse()
-                    data = response.read()
-                    if response.status == 503:  # queue full: back off as told
-                        time.sleep(min(float(response.getheader("Retry-After") or 1), 2.0))
-                        continue
-                    break
-                elapsed = time.perf_counter() - started
-                with lock:
-                    if response.status != 200:
-                        errors.append(f"{response.status}: {data[:200]!r}")
+                    if status != 200:
+                        errors.append(f"{status}: {data[:200]!r}")
                     else:
                         latencies.append(elapsed)
                         tokens[0] += json.loads(data)["usage"]["completion_tokens"]
@@ -96,7 +95,15 @@ def load(url: str, kind: str, n_requests: int, concurrency: int, max_tokens: int
     return {"wall_s": wall, "latencies": latencies, "tokens": tokens[0], "requests": len(latencies)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _next(indices, lock: threading.Lock) -> int | None:
+    with lock:
+        return next(indices, None)
+
+
+KINDS = ["unsteered", "steered", "mixed"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="GGUF model (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--requests", type=int, default=24, help="requests per load per round")
@@ -107,40 +114,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads in the server (default: its own)")
     parser.add_argument("--prompt-cache", action="store_true", help="run the server with --prompt-cache")
     parser.add_argument("--json", dest="json_out", default=None, help="also write the results here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run every load for every round against one server; the totals per load."""
     from pyactadd.extract.pipeline import extract
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test helpers; pyactadd is the installed package
     from helpers.server_launcher import ServerProcess
 
-    kinds = ["unsteered", "steered", "mixed"]
-    results = {kind: {"wall_s": 0.0, "latencies": [], "tokens": 0, "requests": 0, "rounds_rps": []} for kind in kinds}
+    results = {kind: {"wall_s": 0.0, "latencies": [], "tokens": 0, "requests": 0, "rounds_rps": []} for kind in KINDS}
     with tempfile.TemporaryDirectory() as folder:
         extract("Love", "Hate", [6], model=args.model).save(Path(folder) / "love.gguf")
         server_args = ["--vectors", folder, "--queue-size", str(max(8, args.concurrency * 2))]
-        if args.model:
-            server_args += ["--model", args.model]
-        if args.threads:
-            server_args += ["--threads", str(args.threads)]
-        if args.prompt_cache:
-            server_args.append("--prompt-cache")
+        server_args += ["--model", args.model] if args.model else []
+        server_args += ["--threads", str(args.threads)] if args.threads else []
+        server_args += ["--prompt-cache"] if args.prompt_cache else []
         with ServerProcess(*server_args) as server:
             load(server.url, "mixed", 2 * args.concurrency, args.concurrency, args.max_tokens, args.coeff)  # warm-up
             for round_index in range(args.rounds):
-                order = kinds[round_index % 3:] + kinds[: round_index % 3]
-                for kind in order:
+                for kind in KINDS[round_index % 3:] + KINDS[: round_index % 3]:
                     got = load(server.url, kind, args.requests, args.concurrency, args.max_tokens, args.coeff)
                     total = results[kind]
-                    total["wall_s"] += got["wall_s"]
-                    total["latencies"] += got["latencies"]
-                    total["tokens"] += got["tokens"]
-                    total["requests"] += got["requests"]
+                    for key in ("wall_s", "latencies", "tokens", "requests"):
+                        total[key] += got[key]
                     total["rounds_rps"].append(got["requests"] / got["wall_s"])
                     print(f"round {round_index + 1}/{args.rounds} {kind:>9}: {got['requests'] / got['wall_s']:6.2f} req/s", file=sys.stderr)
+    return results
 
+
+def summarize(results: dict) -> dict:
+    """Requests/s, tokens/s and latency percentiles per load."""
     summary = {}
-    for kind in kinds:
-        total = results[kind]
+    for kind, total in results.items():
         summary[kind] = {
             "requests_per_s": total["requests"] / total["wall_s"],
             "tokens_per_s": total["tokens"] / total["wall_s"],
@@ -149,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
             "requests": total["requests"],
             "median_round_requests_per_s": statistics.median(total["rounds_rps"]),
         }
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    summary = summarize(measure(args))
     ratio = summary["steered"]["requests_per_s"] / summary["unsteered"]["requests_per_s"]
     settings = {
         "concurrency": args.concurrency, "max_tokens": args.max_tokens, "requests_per_round": args.requests,
@@ -157,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npyactadd serve on loopback: {args.concurrency} clients, max_tokens {args.max_tokens}, temperature 0, "
           f"{args.rounds} rounds x {args.requests} requests per load")
     print(f"{'load':<10} {'req/s':>7} {'tok/s':>7} {'p50 ms':>8} {'p95 ms':>8}")
-    for kind in kinds:
+    for kind in KINDS:
         row = summary[kind]
         print(f"{kind:<10} {row['requests_per_s']:7.2f} {row['tokens_per_s']:7.1f} {row['p50_ms']:8.0f} {row['p95_ms']:8.0f}")
     verdict = "meets" if ratio >= 0.95 else "MISSES"

@@ -2,10 +2,12 @@
 # Installs the llama-cpp-python that pyactadd's engine is compiled against, built once
 # from source with the options pyactadd needs, and kept as a wheel for later installs.
 #
-# Why not a plain `pip install llama-cpp-python==0.3.36`:
+# The version is the one pyproject.toml pins (`llama-cpp-python==X.Y.Z`, the single
+# place it is written); `--print-version` prints it and exits.
+#
+# Why not a plain `pip install llama-cpp-python==X.Y.Z`:
 # * GGML_RPC=on: `pyactadd worker` and `--rpc` use llama.cpp's RPC backend, which the
-#   default build leaves out (the build costs about 4 minutes on two idle cores, up to
-#   15 under load; the backend adds a 190 KB libggml-rpc.so).
+#   default build leaves out (building it takes minutes, once; docs/ has the figures).
 # * -mno-amx-*: this llama.cpp's AMX matrix kernels (compiled in by the default
 #   -march=native on Intel CPUs with AMX) crash with a segfault in ggml_backend_amx_mul_mat
 #   on the default Q4_1 model; without them those CPUs use their AVX-512 kernels.
@@ -16,7 +18,17 @@
 # Prints nothing else on success but pip's output; the wheel folder is also used by
 # `pip install --find-links` in the README so pyactadd's own build reuses this wheel.
 set -euo pipefail
-VERSION=0.3.36
+PYPROJECT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/pyproject.toml"
+PINS=$(sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' "$PYPROJECT" | sort -u)
+if [ -z "$PINS" ] || [ "$(printf '%s\n' "$PINS" | wc -l)" -ne 1 ]; then
+  echo "install-llama-cpp-python.sh: $PYPROJECT must pin llama-cpp-python==X.Y.Z, one version (found: ${PINS:-none})" >&2
+  exit 1
+fi
+VERSION=$PINS
+if [ "${1:-}" = "--print-version" ]; then
+  echo "$VERSION"
+  exit 0
+fi
 FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CPU=$(python3 -c 'import hashlib, pathlib, platform
 p = pathlib.Path("/proc/cpuinfo")
@@ -26,7 +38,7 @@ print(hashlib.sha1(line.encode()).hexdigest()[:8])')
 W="$HOME/.cache/pyactadd/wheels"
 DIR="$W/llama-cpp-python-$VERSION-rpc-noamx-$CPU"
 if ! ls "$DIR"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then
-  echo "Building llama-cpp-python $VERSION with GGML_RPC into $DIR (once: about 4-15 minutes)" >&2
+  echo "Building llama-cpp-python $VERSION with GGML_RPC into $DIR (once, takes minutes)" >&2
   mkdir -p "$DIR"
   CMAKE_ARGS="-DGGML_RPC=on -DCMAKE_C_FLAGS='$FLAGS' -DCMAKE_CXX_FLAGS='$FLAGS'" \
     pip wheel --no-cache-dir --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VERSION" -w "$DIR.tmp"

@@ -1,7 +1,7 @@
 """Shared fixtures: the default model's path and one PyTorch copy of it per test session.
 
 The torch model comes from pyactadd's weight cache (``$PYACTADD_CACHE_DIR``, else the
-user cache), so only the very first session pays the 20-60 s GGUF conversion.
+user cache), so only the very first session pays for the GGUF conversion.
 """
 
 from __future__ import annotations

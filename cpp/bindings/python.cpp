@@ -98,6 +98,32 @@ class Engine {
     pyactadd_engine * engine_ = nullptr;
 };
 
+// pyactadd_file_read_info as a dict with the struct's field names; ValueError on failure.
+nb::dict read_file_info(const std::string & path) {
+    pyactadd_file_info info;
+    if (pyactadd_file_read_info(path.c_str(), &info) != 0) {
+        throw nb::value_error(info.error);
+    }
+    static const char * const alignments[] = { "front", "back", "all" };
+    nb::dict d;
+    d["source"] = info.source == PYACTADD_FILE_SOURCE_PYACTADD ? "pyactadd" : "llama.cpp";
+    d["alignment"] = alignments[info.alignment];
+    d["anchor"] = std::string(info.anchor);
+    d["anchor_token_id"] = info.anchor_token_id;
+    d["has_fingerprint"] = info.has_fingerprint;
+    d["model_architecture"] = std::string(info.model_architecture);
+    d["model_n_embd"] = info.model_n_embd;
+    d["model_n_layer"] = info.model_n_layer;
+    d["model_n_vocab"] = info.model_n_vocab;
+    d["n_positions"] = info.n_positions;
+    nb::list layers;
+    for (int32_t i = 0; i < info.n_layers; ++i) {
+        layers.append(info.layers[i]);
+    }
+    d["layers"] = layers;
+    return d;
+}
+
 } // namespace
 
 NB_MODULE(_engine, m) {
@@ -118,6 +144,8 @@ NB_MODULE(_engine, m) {
         .def("reset_stats", [](Engine & e) { pyactadd_engine_reset_stats(e.engine_); })
         .def("last_error", [](const Engine & e) { return std::string(pyactadd_engine_last_error(e.engine_)); });
 
+    m.def("read_file_info", &read_file_info, nb::arg("path"),
+          "What a steering file says about itself, read by the C API's pyactadd_file_read_info.");
     m.def("llama_library_path", []() { return library_of(reinterpret_cast<const void *>(&llama_model_n_embd)); },
           "The libllama file the engine is linked to at run time.");
     m.def("ggml_library_path", []() { return library_of(reinterpret_cast<const void *>(&ggml_backend_tensor_set)); },

@@ -23,8 +23,7 @@
 // Typical use:
 //
 //     struct pyactadd_engine_params ep = pyactadd_engine_default_params();
-//     ep.n_embd  = llama_model_n_embd(model);
-//     ep.n_layer = llama_model_n_layer(model);
+//     ep.model = model;                                          // n_embd, n_layer and the fingerprint from it
 //     pyactadd_engine * eng = pyactadd_engine_create(ep);
 //     pyactadd_engine_load_file(eng, "love.gguf", 1.0f);       // or pyactadd_engine_add()
 //     struct llama_context_params cp = llama_context_default_params();
@@ -33,6 +32,10 @@
 //     ... llama_decode(ctx, batch) ...
 //     llama_free(ctx);
 //     pyactadd_engine_free(eng);                                 // after the context is gone
+//
+// What a steering file says about itself (alignment, anchor token, the model it was made
+// for, its layers) comes from pyactadd_file_read_info(), so no application reads the
+// file's GGUF keys itself.
 
 #ifndef PYACTADD_H
 #define PYACTADD_H
@@ -53,7 +56,8 @@ extern "C" {
 #    define PYACTADD_API __attribute__((visibility("default")))
 #endif
 
-#define PYACTADD_ABI_VERSION 1
+// 2: pyactadd_engine_params.model, pyactadd_file_info, pyactadd_file_read_info().
+#define PYACTADD_ABI_VERSION 2
 
 typedef struct pyactadd_engine pyactadd_engine;
 
@@ -64,10 +68,53 @@ enum pyactadd_align {
 };
 
 struct pyactadd_engine_params {
-    int32_t n_embd;            // the model's embedding width (llama_model_n_embd); required
-    int32_t n_layer;           // the model's block count (llama_model_n_layer); required
+    int32_t n_embd;            // the model's embedding width (llama_model_n_embd); 0: take it from model
+    int32_t n_layer;           // the model's block count (llama_model_n_layer); 0: take it from model
     bool    force_device_copy; // go through ggml_backend_tensor_get/set even for host buffers
                                // (the path CUDA and Metal buffers take), so CPU tests cover it
+    const struct llama_model * model; // optional: the model steered. pyactadd_engine_load_file then refuses
+                               // a file whose fingerprint names another model. Read once by
+                               // pyactadd_engine_create (it need not outlive the engine)
+};
+
+// Return codes of pyactadd_engine_load_file and pyactadd_file_read_info, besides success.
+enum pyactadd_status {
+    PYACTADD_STATUS_ERROR          = -1, // a NULL or invalid argument, a missing or malformed file, a shape that does not fit
+    PYACTADD_STATUS_MODEL_MISMATCH = -2, // the file was made for another model than the engine's params.model
+};
+
+// A steering file's own account of itself (pyactadd_file_read_info). The gguf keys
+// named are those docs/format.md describes.
+#define PYACTADD_FILE_MAX_TEXT   256 // bytes of each text field, the terminating NUL included
+#define PYACTADD_FILE_MAX_LAYERS 512 // direction tensors a file may hold
+#define PYACTADD_FILE_MAX_ERROR  512 // bytes of pyactadd_file_info.error (a longer message is cut)
+
+enum pyactadd_file_source {
+    PYACTADD_FILE_SOURCE_PYACTADD  = 0, // written by pyactadd: pyactadd.* metadata
+    PYACTADD_FILE_SOURCE_LLAMA_CPP = 1, // a stock llama.cpp control vector (cvector-generator, repeng): no pyactadd.* keys
+};
+
+// pyactadd.alignment: where row 0 of each direction tensor goes in a prompt of n_prompt tokens.
+enum pyactadd_file_align {
+    PYACTADD_FILE_ALIGN_FRONT = 0, // "front": row r at position r
+    PYACTADD_FILE_ALIGN_BACK  = 1, // "back": the last row at the last prompt position (offset n_prompt - n_positions)
+    PYACTADD_FILE_ALIGN_ALL   = 2, // "all": one row, at every position (stock control vectors, and files without the key)
+};
+
+struct pyactadd_file_info {
+    enum pyactadd_file_source source;
+    enum pyactadd_file_align  alignment;
+    char    anchor[PYACTADD_FILE_MAX_TEXT]; // pyactadd.anchor: "none", "bos" or the anchor token's text ("none" when absent)
+    int32_t anchor_token_id;        // pyactadd.anchor_token_id: the token the rows assume at position 0, or -1 for none
+    bool    has_fingerprint;        // the file names its model (pyactadd.model.*); false for stock control vectors
+    char    model_architecture[PYACTADD_FILE_MAX_TEXT]; // pyactadd.model.architecture ("llama", ...); "" when unknown
+    int32_t model_n_embd;           // width of the rows (the tensors' first dimension; pyactadd.model.n_embd agrees)
+    int32_t model_n_layer;          // pyactadd.model.n_layer; 0 when unknown
+    int32_t model_n_vocab;          // pyactadd.model.n_vocab; 0 when unknown
+    int32_t n_positions;            // rows per direction tensor (1 for 1-D tensors)
+    int32_t n_layers;               // direction tensors in the file, 1 to PYACTADD_FILE_MAX_LAYERS
+    int32_t layers[PYACTADD_FILE_MAX_LAYERS]; // their llama.cpp indices il, ascending: direction.<il> steers l_out-<il>
+    char    error[PYACTADD_FILE_MAX_ERROR]; // why pyactadd_file_read_info failed; "" on success
 };
 
 struct pyactadd_engine_stats {
@@ -78,10 +125,11 @@ struct pyactadd_engine_stats {
     uint64_t n_errors;             // graph tensors the engine had to skip (see pyactadd_engine_last_error)
 };
 
-// Defaults: n_embd = 0, n_layer = 0 (both must be set), force_device_copy = false.
+// Defaults: n_embd = 0, n_layer = 0 (set both, or model), force_device_copy = false, model = NULL.
 PYACTADD_API struct pyactadd_engine_params pyactadd_engine_default_params(void);
 
-// Returns a new engine, or NULL when n_embd <= 0 or n_layer < 2.
+// Returns a new engine, or NULL when n_embd <= 0 or n_layer < 2 (after taking any 0 from
+// model), or when a non-zero n_embd or n_layer differs from model's.
 PYACTADD_API pyactadd_engine * pyactadd_engine_create(struct pyactadd_engine_params params);
 
 // Frees the engine. Free every context it is attached to first. NULL is a no-op.
@@ -105,9 +153,24 @@ PYACTADD_API int32_t pyactadd_engine_add(
 // files and llama.cpp's 1-D files), scaled by coeff, aligned as the file says: rows
 // from position 0 for "front", row 0 at every position for "all" and for llama.cpp's
 // own 1-D files. A "back" file needs the prompt length: use pyactadd_engine_add().
-// Returns the number of tensors added, or -1 on any error (missing or malformed file,
-// a shape that does not fit the engine); the engine is unchanged then.
+// With params.model set, a file's model fingerprint (pyactadd.model.architecture,
+// n_embd, n_layer, n_vocab; fields it leaves unknown are not compared) must match the
+// model; a file without one (a stock control vector) is checked on n_embd only.
+// Returns the number of tensors added (>= 1), or, with the engine unchanged:
+//   PYACTADD_STATUS_ERROR (-1): engine or path NULL, coeff not finite, a missing or
+//       malformed file, a shape that does not fit the engine;
+//   PYACTADD_STATUS_MODEL_MISMATCH (-2): the file was made for another model; the
+//       message names both and the fix (re-extract the vector for this model).
 PYACTADD_API int32_t pyactadd_engine_load_file(pyactadd_engine * engine, const char * path, float coeff);
+
+// Reads what the steering file at path says about itself (metadata and tensor names and
+// shapes; the rows are not read, so their type and values are checked only on loading).
+// Returns 0 with out->error = "", or PYACTADD_STATUS_ERROR (-1) when path or out is NULL
+// or the file is missing, not a control-vector GGUF, holds a malformed pyactadd.* key,
+// an unknown alignment, or more than PYACTADD_FILE_MAX_LAYERS tensors; then out->error
+// (when out is not NULL) holds the reason and the other fields are zero.
+// Needs no engine or model; safe to call from several threads.
+PYACTADD_API int32_t pyactadd_file_read_info(const char * path, struct pyactadd_file_info * out);
 
 // Removes the tensor with this id. Returns 0, or -1 when no tensor has that id.
 PYACTADD_API int32_t pyactadd_engine_remove(pyactadd_engine * engine, int32_t id);

@@ -9,6 +9,7 @@
 #include "ggml.h"
 #include "gguf.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -86,11 +87,252 @@ struct gguf_deleter {
 struct ggml_deleter {
     void operator()(ggml_context * c) const { ggml_free(c); }
 };
+using gguf_ptr = std::unique_ptr<gguf_context, gguf_deleter>;
+using ggml_ptr = std::unique_ptr<ggml_context, ggml_deleter>;
+
+// --- reading a steering file's metadata ------------------------------------------------
+// The keys and their meaning are pyactadd/vector/gguf_file.py's (docs/format.md); a
+// reader error is a std::string naming the file and, where there is one, the fix.
+
+constexpr const char * FIX_CORRUPT = "re-create it with `pyactadd extract` or restore a good copy";
+
+// A GGUF opened with its tensor metadata, and with the tensor data unless no_alloc.
+struct gguf_file {
+    gguf_ptr g;
+    ggml_ptr ctx;
+};
+
+bool open_gguf(const char * path, bool no_alloc, gguf_file * out, std::string * err) {
+    ggml_context * raw_ctx = nullptr;
+    gguf_init_params gp = { /*.no_alloc =*/ no_alloc, /*.ctx =*/ &raw_ctx };
+    out->g.reset(gguf_init_from_file(path, gp));
+    out->ctx.reset(raw_ctx);
+    if (!out->g || !out->ctx) {
+        *err = std::string("cannot read ") + path + " as a GGUF file";
+        return false;
+    }
+    return true;
+}
+
+// The value of an integer key of any integer type in *out; false (with *err) when the
+// key is there but not an integer or out of int32 range; *out is untouched when absent.
+bool read_int_key(const gguf_context * g, const char * path, const char * key, int64_t * out, std::string * err) {
+    const int64_t k = gguf_find_key(g, key);
+    if (k < 0) {
+        return true;
+    }
+    int64_t v = 0;
+    switch (gguf_get_kv_type(g, k)) {
+        case GGUF_TYPE_UINT8:  v = gguf_get_val_u8(g, k); break;
+        case GGUF_TYPE_INT8:   v = gguf_get_val_i8(g, k); break;
+        case GGUF_TYPE_UINT16: v = gguf_get_val_u16(g, k); break;
+        case GGUF_TYPE_INT16:  v = gguf_get_val_i16(g, k); break;
+        case GGUF_TYPE_UINT32: v = gguf_get_val_u32(g, k); break;
+        case GGUF_TYPE_INT32:  v = gguf_get_val_i32(g, k); break;
+        case GGUF_TYPE_INT64:  v = gguf_get_val_i64(g, k); break;
+        case GGUF_TYPE_UINT64:
+            v = gguf_get_val_u64(g, k) > (uint64_t) INT32_MAX ? (int64_t) INT32_MAX + 1 : (int64_t) gguf_get_val_u64(g, k);
+            break;
+        default:
+            *err = std::string(path) + ": " + key + " should be an integer: " + FIX_CORRUPT;
+            return false;
+    }
+    if (v < INT32_MIN || v > INT32_MAX) {
+        *err = std::string(path) + ": " + key + " = " + std::to_string(v) + " is out of range: " + FIX_CORRUPT;
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
+// Copies a string key into buf (buf keeps its content when the key is absent).
+bool read_str_key(const gguf_context * g, const char * path, const char * key, char * buf, size_t size, std::string * err) {
+    const int64_t k = gguf_find_key(g, key);
+    if (k < 0) {
+        return true;
+    }
+    if (gguf_get_kv_type(g, k) != GGUF_TYPE_STRING) {
+        *err = std::string(path) + ": " + key + " should be a string: " + FIX_CORRUPT;
+        return false;
+    }
+    const char * v = gguf_get_val_str(g, k);
+    if (std::strlen(v) >= size) {
+        *err = std::string(path) + ": " + key + " is longer than " + std::to_string(size - 1) + " bytes";
+        return false;
+    }
+    std::strcpy(buf, v);
+    return true;
+}
+
+bool has_pyactadd_keys(const gguf_context * g) {
+    for (int64_t i = 0; i < gguf_get_n_kv(g); ++i) {
+        if (std::strncmp(gguf_get_key(g, i), "pyactadd.", 9) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+// "direction.<il>" -> il, or -1 for any other name.
+int32_t direction_index(const char * name) {
+    if (std::strncmp(name, "direction.", 10) != 0) {
+        return -1;
+    }
+    char * end = nullptr;
+    const long v = std::strtol(name + 10, &end, 10);
+    return (end != name + 10 && *end == '\0' && name[10] >= '0' && name[10] <= '9' && v < 1000000) ? (int32_t) v : -1;
+}
+
+// Layers, n_positions and the rows' width from the direction tensors' names and shapes.
+bool read_tensor_shapes(const gguf_file & f, const char * path, pyactadd_file_info * info, std::string * err) {
+    const int64_t n_tensors = gguf_get_n_tensors(f.g.get());
+    if (n_tensors == 0) {
+        *err = std::string(path) + " holds no direction tensors";
+        return false;
+    }
+    if (n_tensors > PYACTADD_FILE_MAX_LAYERS) {
+        *err = std::string(path) + " holds " + std::to_string(n_tensors) + " tensors, more than the " +
+               std::to_string(PYACTADD_FILE_MAX_LAYERS) + " a steering file may have";
+        return false;
+    }
+    for (int64_t i = 0; i < n_tensors; ++i) {
+        const char * name = gguf_get_tensor_name(f.g.get(), i);
+        const int32_t il = direction_index(name);
+        const ggml_tensor * t = ggml_get_tensor(f.ctx.get(), name);
+        if (il < 0 || t == nullptr) {
+            *err = std::string(path) + ": unexpected tensor '" + name + "' (want direction.<il>)";
+            return false;
+        }
+        if (i == 0) {
+            info->model_n_embd = (int32_t) t->ne[0];
+            info->n_positions = (int32_t) t->ne[1];
+        }
+        info->layers[i] = il;
+    }
+    info->n_layers = (int32_t) n_tensors;
+    std::sort(info->layers, info->layers + info->n_layers);
+    return true;
+}
+
+bool read_alignment(const gguf_context * g, const char * path, pyactadd_file_info * info, std::string * err) {
+    char text[PYACTADD_FILE_MAX_TEXT] = "all";
+    if (!read_str_key(g, path, "pyactadd.alignment", text, sizeof(text), err)) {
+        return false;
+    }
+    const std::string a = text;
+    if (a != "front" && a != "back" && a != "all") {
+        *err = std::string(path) + ": unknown alignment '" + a + "' (pyactadd.alignment is front, back or all)";
+        return false;
+    }
+    info->alignment = a == "front" ? PYACTADD_FILE_ALIGN_FRONT : a == "back" ? PYACTADD_FILE_ALIGN_BACK : PYACTADD_FILE_ALIGN_ALL;
+    return true;
+}
+
+// pyactadd.anchor, pyactadd.anchor_token_id and the pyactadd.model.* fingerprint.
+bool read_pyactadd_keys(const gguf_context * g, const char * path, pyactadd_file_info * info, std::string * err) {
+    int64_t anchor_id = -1, n_embd = 0, n_layer = 0, n_vocab = 0;
+    if (!read_str_key(g, path, "pyactadd.anchor", info->anchor, sizeof(info->anchor), err) ||
+        !read_int_key(g, path, "pyactadd.anchor_token_id", &anchor_id, err) ||
+        !read_str_key(g, path, "pyactadd.model.architecture", info->model_architecture, sizeof(info->model_architecture), err) ||
+        !read_int_key(g, path, "pyactadd.model.n_embd", &n_embd, err) ||
+        !read_int_key(g, path, "pyactadd.model.n_layer", &n_layer, err) ||
+        !read_int_key(g, path, "pyactadd.model.n_vocab", &n_vocab, err)) {
+        return false;
+    }
+    if (anchor_id < -1 || n_layer < 0 || n_vocab < 0) {
+        *err = std::string(path) + ": negative anchor_token_id, model.n_layer or model.n_vocab: " + FIX_CORRUPT;
+        return false;
+    }
+    if (n_embd != 0 && n_embd != info->model_n_embd) {
+        *err = std::string(path) + ": pyactadd.model.n_embd is " + std::to_string(n_embd) + " but the tensors are " +
+               std::to_string(info->model_n_embd) + " wide: " + FIX_CORRUPT;
+        return false;
+    }
+    info->anchor_token_id = (int32_t) anchor_id;
+    info->model_n_layer = (int32_t) n_layer;
+    info->model_n_vocab = (int32_t) n_vocab;
+    for (const char * key : { "pyactadd.model.architecture", "pyactadd.model.n_embd", "pyactadd.model.n_layer", "pyactadd.model.n_vocab" }) {
+        info->has_fingerprint = info->has_fingerprint || gguf_find_key(g, key) >= 0;
+    }
+    return true;
+}
+
+// Everything pyactadd_file_info holds, from an opened file; *info must be zeroed.
+bool read_info(const gguf_file & f, const char * path, pyactadd_file_info * info, std::string * err) {
+    const gguf_context * g = f.g.get();
+    const int64_t arch_key = gguf_find_key(g, "general.architecture");
+    if (arch_key < 0 || gguf_get_kv_type(g, arch_key) != GGUF_TYPE_STRING ||
+        std::strcmp(gguf_get_val_str(g, arch_key), "controlvector") != 0) {
+        *err = std::string(path) + " is not a control-vector file (general.architecture != controlvector)";
+        return false;
+    }
+    std::strcpy(info->anchor, "none");
+    info->anchor_token_id = -1;
+    info->source = has_pyactadd_keys(g) ? PYACTADD_FILE_SOURCE_PYACTADD : PYACTADD_FILE_SOURCE_LLAMA_CPP;
+    return read_tensor_shapes(f, path, info, err) && read_alignment(g, path, info, err) && read_pyactadd_keys(g, path, info, err);
+}
+
+// The model an engine steers, as the file fingerprint names it.
+struct model_fingerprint {
+    bool known = false;
+    std::string architecture;
+    int32_t n_embd = 0, n_layer = 0, n_vocab = 0;
+};
+
+model_fingerprint fingerprint_of(const llama_model * model) {
+    model_fingerprint m;
+    if (model == nullptr) {
+        return m;
+    }
+    char arch[PYACTADD_FILE_MAX_TEXT] = "";
+    if (llama_model_meta_val_str(model, "general.architecture", arch, sizeof(arch)) < 0) {
+        arch[0] = '\0';
+    }
+    m.known = true;
+    m.architecture = arch;
+    m.n_embd = llama_model_n_embd(model);
+    m.n_layer = llama_model_n_layer(model);
+    m.n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    return m;
+}
+
+std::string describe(const std::string & arch, int32_t n_embd, int32_t n_layer, int32_t n_vocab) {
+    std::string d = (arch.empty() ? std::string("an unknown architecture") : arch) + " with n_embd " + std::to_string(n_embd);
+    d += n_layer > 0 ? ", n_layer " + std::to_string(n_layer) : "";
+    d += n_vocab > 0 ? ", n_vocab " + std::to_string(n_vocab) : "";
+    return d;
+}
+
+// "" when the file fits the model; else what differs. Fields the file leaves unknown are
+// not compared (as ModelFingerprint.mismatch in Python); n_embd is always compared.
+std::string fingerprint_mismatch(const pyactadd_file_info & info, const model_fingerprint & m) {
+    const std::string arch = info.has_fingerprint ? info.model_architecture : "";
+    if (!arch.empty() && !m.architecture.empty() && arch != m.architecture) {
+        return "architecture " + arch + " != " + m.architecture;
+    }
+    if (info.model_n_embd != m.n_embd) {
+        return "n_embd " + std::to_string(info.model_n_embd) + " != " + std::to_string(m.n_embd);
+    }
+    if (info.has_fingerprint && info.model_n_layer > 0 && info.model_n_layer != m.n_layer) {
+        return "n_layer " + std::to_string(info.model_n_layer) + " != " + std::to_string(m.n_layer);
+    }
+    if (info.has_fingerprint && info.model_n_vocab > 0 && info.model_n_vocab != m.n_vocab) {
+        return "n_vocab " + std::to_string(info.model_n_vocab) + " != " + std::to_string(m.n_vocab);
+    }
+    return "";
+}
+
+void copy_error(const std::string & msg, pyactadd_file_info * out) {
+    const size_t n = std::min(msg.size(), sizeof(out->error) - 1);
+    std::memcpy(out->error, msg.data(), n);
+    out->error[n] = '\0';
+}
 
 } // namespace
 
 struct pyactadd_engine {
     pyactadd_engine_params params;
+    model_fingerprint model; // of params.model, read at create; known = false without one
     std::vector<steering_tensor> tensors;
     std::vector<std::vector<size_t>> by_layer; // il -> indices into tensors
     int32_t next_id = 0;
@@ -299,6 +541,74 @@ struct pyactadd_engine {
         by_layer[il].push_back(tensors.size() - 1);
         return next_id++;
     }
+
+    // Adds every direction tensor of an opened file, scaled by coeff; false (with
+    // last_error naming the tensor) at the first one that does not fit.
+    bool add_file_tensors(const gguf_file & f, const char * path, pyactadd_align align, float coeff) {
+        for (int64_t i = 0; i < gguf_get_n_tensors(f.g.get()); ++i) {
+            const char * name = gguf_get_tensor_name(f.g.get(), i);
+            const ggml_tensor * t = ggml_get_tensor(f.ctx.get(), name);
+            if (t->type != GGML_TYPE_F32 || ggml_n_dims(t) > 2) {
+                fail(std::string(path) + ": tensor " + name + " must be F32 with 1 or 2 dimensions");
+                return false;
+            }
+            const float * data = static_cast<const float *>(t->data);
+            std::vector<float> rows(data, data + ggml_nelements(t));
+            for (float & v : rows) {
+                v *= coeff;
+            }
+            if (add(direction_index(name), rows.data(), (int32_t) t->ne[1], (int32_t) t->ne[0], 0, align) < 0) {
+                fail(std::string(path) + ": " + name + ": " + last_error);
+                return false;
+            }
+        }
+        return true;
+    }
+
+    // Moves every tensor of a staged engine into this one, with new ids.
+    int32_t take(pyactadd_engine & staged) {
+        for (steering_tensor & s : staged.tensors) {
+            s.id = next_id++;
+            tensors.push_back(std::move(s));
+        }
+        rebuild_index();
+        return (int32_t) staged.tensors.size();
+    }
+
+    // Reads and checks the file, stages its tensors, then takes them (all or nothing).
+    int32_t load_file(const char * path, float coeff) {
+        std::string err;
+        gguf_file f;
+        pyactadd_file_info info = {};
+        if (!open_gguf(path, /*no_alloc =*/ false, &f, &err) || !read_info(f, path, &info, &err)) {
+            fail(err);
+            return PYACTADD_STATUS_ERROR;
+        }
+        if (info.alignment == PYACTADD_FILE_ALIGN_BACK) {
+            fail(std::string(path) + ": alignment 'back' needs the prompt length; add its rows with pyactadd_engine_add and an offset");
+            return PYACTADD_STATUS_ERROR;
+        }
+        if (model.known) {
+            const std::string diff = fingerprint_mismatch(info, model);
+            if (!diff.empty()) {
+                fail(std::string(path) + " was made for " +
+                     describe(info.model_architecture, info.model_n_embd, info.model_n_layer, info.model_n_vocab) +
+                     " but the model is " + describe(model.architecture, model.n_embd, model.n_layer, model.n_vocab) + " (" +
+                     diff + "): re-extract the vector for this model");
+                return PYACTADD_STATUS_MODEL_MISMATCH;
+            }
+        }
+        // Staged in a second engine so a bad tensor leaves this one unchanged.
+        pyactadd_engine staged;
+        staged.params = params;
+        staged.rebuild_index();
+        const pyactadd_align align = info.alignment == PYACTADD_FILE_ALIGN_ALL ? PYACTADD_ALIGN_ALL : PYACTADD_ALIGN_POSITIONS;
+        if (!staged.add_file_tensors(f, path, align, coeff)) {
+            fail(staged.last_error);
+            return PYACTADD_STATUS_ERROR;
+        }
+        return take(staged);
+    }
 };
 
 extern "C" {
@@ -308,16 +618,27 @@ pyactadd_engine_params pyactadd_engine_default_params(void) {
     p.n_embd = 0;
     p.n_layer = 0;
     p.force_device_copy = false;
+    p.model = nullptr;
     return p;
 }
 
 pyactadd_engine * pyactadd_engine_create(pyactadd_engine_params params) {
-    if (params.n_embd <= 0 || params.n_layer < 2) {
-        return nullptr;
-    }
     try {
+        const model_fingerprint model = fingerprint_of(params.model);
+        if (model.known) {
+            if ((params.n_embd != 0 && params.n_embd != model.n_embd) || (params.n_layer != 0 && params.n_layer != model.n_layer)) {
+                return nullptr;
+            }
+            params.n_embd = model.n_embd;
+            params.n_layer = model.n_layer;
+            params.model = nullptr; // not kept: the model may go before the engine
+        }
+        if (params.n_embd <= 0 || params.n_layer < 2) {
+            return nullptr;
+        }
         std::unique_ptr<pyactadd_engine> e(new pyactadd_engine());
         e->params = params;
+        e->model = model;
         e->rebuild_index();
         return e.release();
     } catch (...) {
@@ -348,92 +669,53 @@ int32_t pyactadd_engine_add(pyactadd_engine * engine, int32_t il, const float * 
 
 int32_t pyactadd_engine_load_file(pyactadd_engine * engine, const char * path, float coeff) {
     if (engine == nullptr) {
-        return -1;
+        return PYACTADD_STATUS_ERROR;
     }
     try {
         engine->last_error.clear();
         if (path == nullptr) {
             engine->fail("no file name given");
-            return -1;
+            return PYACTADD_STATUS_ERROR;
         }
         if (!std::isfinite(coeff)) {
             engine->fail("coefficient must be finite");
-            return -1;
+            return PYACTADD_STATUS_ERROR;
         }
-        ggml_context * raw_ctx = nullptr;
-        gguf_init_params gp = { /*.no_alloc =*/ false, /*.ctx =*/ &raw_ctx };
-        std::unique_ptr<gguf_context, gguf_deleter> g(gguf_init_from_file(path, gp));
-        std::unique_ptr<ggml_context, ggml_deleter> ctx(raw_ctx);
-        if (!g || !ctx) {
-            engine->fail(std::string("cannot read ") + path + " as a GGUF file");
-            return -1;
-        }
-        const int64_t arch_key = gguf_find_key(g.get(), "general.architecture");
-        if (arch_key < 0 || gguf_get_kv_type(g.get(), arch_key) != GGUF_TYPE_STRING ||
-            std::strcmp(gguf_get_val_str(g.get(), arch_key), "controlvector") != 0) {
-            engine->fail(std::string(path) + " is not a control-vector file (general.architecture != controlvector)");
-            return -1;
-        }
-        std::string alignment = "all";
-        const int64_t align_key = gguf_find_key(g.get(), "pyactadd.alignment");
-        if (align_key >= 0 && gguf_get_kv_type(g.get(), align_key) == GGUF_TYPE_STRING) {
-            alignment = gguf_get_val_str(g.get(), align_key);
-        }
-        if (alignment != "front" && alignment != "all") {
-            engine->fail(std::string(path) + ": alignment '" + alignment +
-                         "' needs the prompt length; add its rows with pyactadd_engine_add and an offset");
-            return -1;
-        }
-        // Stage everything first so a bad tensor leaves the engine unchanged.
-        pyactadd_engine staged;
-        staged.params = engine->params;
-        staged.rebuild_index();
-        const int64_t n_tensors = gguf_get_n_tensors(g.get());
-        for (int64_t i = 0; i < n_tensors; ++i) {
-            const char * name = gguf_get_tensor_name(g.get(), i);
-            int32_t il = -1;
-            if (std::strncmp(name, "direction.", 10) == 0) {
-                char * end = nullptr;
-                const long v = std::strtol(name + 10, &end, 10);
-                il = (end != name + 10 && *end == '\0' && v >= 0 && v < 1000000) ? (int32_t) v : -1;
-            }
-            ggml_tensor * t = ggml_get_tensor(ctx.get(), name);
-            if (il < 0 || t == nullptr) {
-                engine->fail(std::string(path) + ": unexpected tensor '" + name + "' (want direction.<il>)");
-                return -1;
-            }
-            if (t->type != GGML_TYPE_F32 || ggml_n_dims(t) > 2) {
-                engine->fail(std::string(path) + ": tensor " + name + " must be F32 with 1 or 2 dimensions");
-                return -1;
-            }
-            const int32_t n_rows = (int32_t) t->ne[1];
-            const pyactadd_align al = (alignment == "all") ? PYACTADD_ALIGN_ALL : PYACTADD_ALIGN_POSITIONS;
-            std::vector<float> rows(static_cast<const float *>(t->data), static_cast<const float *>(t->data) + ggml_nelements(t));
-            for (float & v : rows) {
-                v *= coeff;
-            }
-            if (staged.add(il, rows.data(), n_rows, (int32_t) t->ne[0], 0, al) < 0) {
-                engine->fail(std::string(path) + ": " + name + ": " + staged.last_error);
-                return -1;
-            }
-        }
-        if (staged.tensors.empty()) {
-            engine->fail(std::string(path) + " holds no direction tensors");
-            return -1;
-        }
-        for (steering_tensor & s : staged.tensors) {
-            s.id = engine->next_id++;
-            engine->tensors.push_back(std::move(s));
-        }
-        engine->rebuild_index();
-        return (int32_t) staged.tensors.size();
+        return engine->load_file(path, coeff);
     } catch (const std::bad_alloc &) {
         engine->fail("out of memory while loading a steering file");
-        return -1;
+        return PYACTADD_STATUS_ERROR;
     } catch (...) {
         engine->fail("unexpected error while loading a steering file");
-        return -1;
+        return PYACTADD_STATUS_ERROR;
     }
+}
+
+int32_t pyactadd_file_read_info(const char * path, pyactadd_file_info * out) {
+    if (out == nullptr) {
+        return PYACTADD_STATUS_ERROR;
+    }
+    std::memset(out, 0, sizeof(*out));
+    if (path == nullptr) {
+        copy_error("no file name given", out);
+        return PYACTADD_STATUS_ERROR;
+    }
+    try {
+        std::string err;
+        gguf_file f;
+        if (open_gguf(path, /*no_alloc =*/ true, &f, &err) && read_info(f, path, out, &err)) {
+            return 0;
+        }
+        std::memset(out, 0, sizeof(*out));
+        copy_error(err, out);
+    } catch (const std::bad_alloc &) {
+        std::memset(out, 0, sizeof(*out));
+        copy_error("out of memory while reading a steering file", out);
+    } catch (...) {
+        std::memset(out, 0, sizeof(*out));
+        copy_error("unexpected error while reading a steering file", out);
+    }
+    return PYACTADD_STATUS_ERROR;
 }
 
 int32_t pyactadd_engine_remove(pyactadd_engine * engine, int32_t id) {

@@ -1,14 +1,17 @@
-// engine_test.cpp: the C API of pyactadd.h, without a model.
+// engine_test.cpp: the C API of pyactadd.h, without a model unless one is given.
 //
 // Meant to run under AddressSanitizer + UndefinedBehaviorSanitizer (CMake
-// -DPYACTADD_SANITIZE=ON -DPYACTADD_BUILD_TESTS=ON; tests/test_c_api.py builds and runs
+// -DPYACTADD_SANITIZE=ON -DPYACTADD_BUILD_TESTS=ON; tests/cpp/test_c_api.py builds and runs
 // it). It checks every documented return code and that a refused call leaves the engine
 // unchanged, loads hand-written GGUF files (valid, missing, garbage, truncated, wrong
 // shapes), and drives the eval callback the way ggml_backend_sched does on tiny
 // synthetic graphs: an I32 "inp_pos" input, a rope-like node that reads it, and an
 // "l_out-<il>" node in a CPU backend buffer. Each graph scenario runs twice, once on the
 // host path and once with force_device_copy (the ggml_backend_tensor_get/set path that
-// CUDA and Metal buffers take).
+// CUDA and Metal buffers take). pyactadd_file_read_info reads hand-written pyactadd and
+// stock control-vector files. Given a model (engine_test MODEL.gguf), it also checks an
+// engine created from params.model: files whose fingerprint names another model are
+// refused with PYACTADD_STATUS_MODEL_MISMATCH.
 //
 // Exit code: 0 when every check passes, 1 otherwise (each failed check prints a line).
 
@@ -202,9 +205,45 @@ struct file_tensor {
     std::vector<float> data; // F32 values (converted for F16)
 };
 
-// Writes a GGUF with general.architecture = arch and, unless null, pyactadd.alignment.
-bool write_gguf(const fs::path & path, const char * arch, const char * alignment, const std::vector<file_tensor> & tensors,
-                int32_t anchor = -1) {
+// The metadata a test file gets; the pyactadd.* keys with the GGUF types pyactadd's
+// writer (pyactadd/vector/gguf_file.py) gives them.
+struct file_meta {
+    const char * arch = "controlvector";   // general.architecture, unless null
+    const char * alignment = nullptr;      // pyactadd.alignment, unless null
+    bool anchor_id_key = true;             // write pyactadd.anchor_token_id = anchor_id
+    int32_t anchor_id = -1;
+    const char * anchor = nullptr;         // pyactadd.anchor, unless null
+    bool fingerprint = false;              // write pyactadd.model.* from the four below
+    const char * model_arch = "llama";
+    uint32_t n_embd = N_EMBD, n_layer = N_LAYER, n_vocab = 1000;
+    const char * float_key = nullptr;      // a key written as FLOAT32 (a wrong type), unless null
+};
+
+void set_meta(gguf_context * g, const file_meta & m) {
+    if (m.arch != nullptr) {
+        gguf_set_val_str(g, "general.architecture", m.arch);
+    }
+    if (m.alignment != nullptr) {
+        gguf_set_val_str(g, "pyactadd.alignment", m.alignment);
+    }
+    if (m.anchor_id_key) {
+        gguf_set_val_i32(g, "pyactadd.anchor_token_id", m.anchor_id);
+    }
+    if (m.anchor != nullptr) {
+        gguf_set_val_str(g, "pyactadd.anchor", m.anchor);
+    }
+    if (m.fingerprint) {
+        gguf_set_val_str(g, "pyactadd.model.architecture", m.model_arch);
+        gguf_set_val_u32(g, "pyactadd.model.n_embd", m.n_embd);
+        gguf_set_val_u32(g, "pyactadd.model.n_layer", m.n_layer);
+        gguf_set_val_u32(g, "pyactadd.model.n_vocab", m.n_vocab);
+    }
+    if (m.float_key != nullptr) {
+        gguf_set_val_f32(g, m.float_key, 1.0f);
+    }
+}
+
+bool write_gguf(const fs::path & path, const file_meta & meta, const std::vector<file_tensor> & tensors) {
     size_t bytes = 0;
     for (const file_tensor & t : tensors) {
         bytes += t.data.size() * sizeof(float) + 64;
@@ -213,13 +252,7 @@ bool write_gguf(const fs::path & path, const char * arch, const char * alignment
                             /*.no_alloc =*/ false };
     std::unique_ptr<ggml_context, ggml_ctx_deleter> ctx(ggml_init(ip));
     gguf_context * g = gguf_init_empty();
-    if (arch != nullptr) {
-        gguf_set_val_str(g, "general.architecture", arch);
-    }
-    if (alignment != nullptr) {
-        gguf_set_val_str(g, "pyactadd.alignment", alignment);
-    }
-    gguf_set_val_i32(g, "pyactadd.anchor_token_id", anchor);
+    set_meta(g, meta);
     for (const file_tensor & t : tensors) {
         ggml_tensor * x = nullptr;
         if (t.ne.size() == 1) {
@@ -240,6 +273,16 @@ bool write_gguf(const fs::path & path, const char * arch, const char * alignment
     const bool ok = gguf_write_to_file(g, path.string().c_str(), false);
     gguf_free(g);
     return ok;
+}
+
+// Writes a GGUF with general.architecture = arch and, unless null, pyactadd.alignment.
+bool write_gguf(const fs::path & path, const char * arch, const char * alignment, const std::vector<file_tensor> & tensors,
+                int32_t anchor = -1) {
+    file_meta m;
+    m.arch = arch;
+    m.alignment = alignment;
+    m.anchor_id = anchor;
+    return write_gguf(path, m, tensors);
 }
 
 file_tensor direction(int il, int n_rows, float scale = 1.0f) {
@@ -453,218 +496,259 @@ void test_callback_degenerate_input() {
     CHECK(pyactadd_engine_get_stats(e.get()).n_errors == 0);
 }
 
-// The graph scenarios, on the host path and on the device-copy path.
-void test_graph_scenarios(bool force) {
-    const char * mode = force ? "device-copy" : "host";
-    std::fprintf(stderr, "graph scenarios, %s path\n", mode);
-    const std::vector<float> R = rows_of(2);        // two position rows
-    const std::vector<float> A = rows_of(1, -0.5f); // an all-positions row
+// --- graph scenarios: each runs on the host path and on the device-copy path (force) ---
+
+// Two position rows and an all-positions row, as the scenarios use them.
+struct scenario_rows {
+    std::vector<float> R = rows_of(2);
+    std::vector<float> A = rows_of(1, -0.5f);
     const float * r0 = R.data();
     const float * r1 = R.data() + N_EMBD;
+};
 
-    {   // front: rows 0 and 1 at positions 0 and 1
-        engine_ptr e = make_engine(force);
-        CHECK(pyactadd_engine_add(e.get(), 3, R.data(), 2, N_EMBD, 0, PYACTADD_ALIGN_POSITIONS) == 0);
-        graph g = make_graph({ 0, 1, 2, 3 });
-        CHECK(run_graph(e.get(), g));
-        CHECK(same(read_out(g), expect_cols({ { r0 }, { r1 }, {}, {} })));
-        const pyactadd_engine_stats s = pyactadd_engine_get_stats(e.get());
-        CHECK(s.n_layer_outputs_seen == 1 && s.n_layer_outputs_steered == 1 && s.n_rows_added == 2 && s.n_errors == 0);
-        // positions read once, the span read once and written once
-        CHECK(s.n_device_copies == (force ? 3u : 0u));
-
-        // A later micro-batch past the steered span: nothing asked, nothing written.
-        pyactadd_engine_reset_stats(e.get());
-        graph later = make_graph({ 4, 5 });
-        CHECK(!run_graph(e.get(), later));
-        CHECK(same(read_out(later), std::vector<float>(2 * N_EMBD, 0.0f)));
-        const pyactadd_engine_stats s2 = pyactadd_engine_get_stats(e.get());
-        CHECK(s2.n_layer_outputs_seen == 1 && s2.n_layer_outputs_steered == 0 && s2.n_rows_added == 0);
-
-        // Single-token decoding: each micro-batch picks the row of its own position.
-        for (int32_t p = 0; p < 3; ++p) {
-            graph one = make_graph({ p });
-            CHECK(run_graph(e.get(), one) == (p < 2));
-            CHECK(same(read_out(one), p < 2 ? expect_cols({ { R.data() + p * N_EMBD } }) : std::vector<float>(N_EMBD, 0.0f)));
-        }
-        // Other layers are not touched.
-        graph other = make_graph({ 0, 1 }, { "l_out-2" });
-        CHECK(!run_graph(e.get(), other));
-        CHECK(same(read_out(other), std::vector<float>(2 * N_EMBD, 0.0f)));
-    }
-    {   // offset 5: rows at positions 5 and 6, in a micro-batch holding positions 4..7
-        engine_ptr e = make_engine(force);
-        CHECK(pyactadd_engine_add(e.get(), 3, R.data(), 2, N_EMBD, 5, PYACTADD_ALIGN_POSITIONS) == 0);
-        graph g = make_graph({ 4, 5, 6, 7 });
-        CHECK(run_graph(e.get(), g));
-        CHECK(same(read_out(g), expect_cols({ {}, { r0 }, { r1 }, {} })));
-        // A micro-batch boundary inside the span: 0..5 gets row 0 only, 6.. gets row 1.
-        graph first = make_graph({ 2, 3, 4, 5 });
-        graph second = make_graph({ 6, 7 });
-        CHECK(run_graph(e.get(), first));
-        CHECK(run_graph(e.get(), second));
-        CHECK(same(read_out(first), expect_cols({ {}, {}, {}, { r0 } })));
-        CHECK(same(read_out(second), expect_cols({ { r1 }, {} })));
-        CHECK(pyactadd_engine_get_stats(e.get()).n_rows_added == 4);
-    }
-    {   // all positions, plus a front tensor on the same layer: the rows add up
-        engine_ptr e = make_engine(force);
-        CHECK(pyactadd_engine_add(e.get(), 3, A.data(), 1, N_EMBD, 0, PYACTADD_ALIGN_ALL) == 0);
-        CHECK(pyactadd_engine_add(e.get(), 3, R.data(), 2, N_EMBD, 0, PYACTADD_ALIGN_POSITIONS) == 1);
-        graph g = make_graph({ 0, 1, 2 });
-        CHECK(run_graph(e.get(), g));
-        CHECK(same(read_out(g), expect_cols({ { A.data(), r0 }, { A.data(), r1 }, { A.data() } })));
-        CHECK(pyactadd_engine_get_stats(e.get()).n_rows_added == 3);
-        graph late = make_graph({ 1000 });
-        CHECK(run_graph(e.get(), late));
-        CHECK(same(read_out(late), expect_cols({ { A.data() } })));
-    }
-    {   // two sequences in one micro-batch (positions 0,1 and 0,1): rows match by position only
-        engine_ptr e = make_engine(force);
-        CHECK(pyactadd_engine_add(e.get(), 3, R.data(), 2, N_EMBD, 0, PYACTADD_ALIGN_POSITIONS) == 0);
-        graph g = make_graph({ 0, 1, 0, 1, 2 });
-        CHECK(run_graph(e.get(), g));
-        CHECK(same(read_out(g), expect_cols({ { r0 }, { r1 }, { r0 }, { r1 }, {} })));
-        CHECK(pyactadd_engine_get_stats(e.get()).n_rows_added == 4);
-    }
-    {   // positions found on l_out itself, and under the scheduler's copy name
-        engine_ptr e = make_engine(force);
-        CHECK(pyactadd_engine_add(e.get(), 3, R.data(), 2, N_EMBD, 0, PYACTADD_ALIGN_POSITIONS) == 0);
-        graph_opts o;
-        o.with_rope = false;
-        o.out_reads_pos = true;
-        o.pos_name = "CPU#inp_pos#0";
-        graph g = make_graph({ 1, 2 }, o);
-        CHECK(run_graph(e.get(), g));
-        CHECK(same(read_out(g), expect_cols({ { r1 }, {} })));
-    }
-    {   // wrong-typed or wrong-shaped l_out: skipped, counted, reported, not written
-        engine_ptr e = make_engine(force);
-        CHECK(pyactadd_engine_add(e.get(), 3, R.data(), 2, N_EMBD, 0, PYACTADD_ALIGN_POSITIONS) == 0);
-        graph_opts f16;
-        f16.out_type = GGML_TYPE_F16;
-        graph g = make_graph({ 0, 1 }, f16);
-        CHECK(!run_graph(e.get(), g));
-        pyactadd_engine_stats s = pyactadd_engine_get_stats(e.get());
-        CHECK(s.n_errors == 1 && s.n_layer_outputs_steered == 0 && s.n_rows_added == 0);
-        CHECK(contains(pyactadd_engine_last_error(e.get()), "l_out-3"));
-        std::vector<uint16_t> raw(2 * N_EMBD, 0xffff);
-        ggml_backend_tensor_get(g.out, raw.data(), 0, raw.size() * sizeof(uint16_t));
-        CHECK(raw == std::vector<uint16_t>(2 * N_EMBD, 0));
-
-        graph_opts wide;
-        wide.out_ne0 = N_EMBD + 1;
-        graph w = make_graph({ 0, 1 }, wide);
-        CHECK(!run_graph(e.get(), w));
-        CHECK(pyactadd_engine_get_stats(e.get()).n_errors == 2);
-        CHECK(same(read_out(w), std::vector<float>(2 * (N_EMBD + 1), 0.0f)));
-
-        // The engine keeps working after a skipped tensor.
-        graph ok = make_graph({ 0, 1 });
-        CHECK(run_graph(e.get(), ok));
-        CHECK(same(read_out(ok), expect_cols({ { r0 }, { r1 } })));
-    }
-    {   // a graph without positions input: reported, nothing written
-        engine_ptr e = make_engine(force);
-        CHECK(pyactadd_engine_add(e.get(), 3, R.data(), 2, N_EMBD, 0, PYACTADD_ALIGN_POSITIONS) == 0);
-        graph_opts o;
-        o.with_rope = false;
-        graph g = make_graph({ 0, 1 }, o);
-        CHECK(!run_graph(e.get(), g));
-        CHECK(pyactadd_engine_get_stats(e.get()).n_errors == 1);
-        CHECK(contains(pyactadd_engine_last_error(e.get()), "inp_pos"));
-        CHECK(same(read_out(g), std::vector<float>(2 * N_EMBD, 0.0f)));
-    }
-    {   // switching paths on a live engine
-        engine_ptr e = make_engine(!force);
-        pyactadd_engine_set_force_device_copy(e.get(), force);
-        CHECK(pyactadd_engine_add(e.get(), 3, R.data(), 2, N_EMBD, 0, PYACTADD_ALIGN_POSITIONS) == 0);
-        graph g = make_graph({ 0, 1 });
-        CHECK(run_graph(e.get(), g));
-        CHECK(same(read_out(g), expect_cols({ { r0 }, { r1 } })));
-        CHECK((pyactadd_engine_get_stats(e.get()).n_device_copies > 0) == force);
-    }
+// An engine with the two position rows at l_out-3, from position 0.
+engine_ptr steered_engine(bool force, const scenario_rows & rows) {
+    engine_ptr e = make_engine(force);
+    CHECK(pyactadd_engine_add(e.get(), 3, rows.R.data(), 2, N_EMBD, 0, PYACTADD_ALIGN_POSITIONS) == 0);
+    return e;
 }
 
-void test_load_file(const fs::path & dir) {
+// Front: rows 0 and 1 at positions 0 and 1.
+void scenario_front(bool force) {
+    const scenario_rows rows;
+    engine_ptr e = steered_engine(force, rows);
+    graph g = make_graph({ 0, 1, 2, 3 });
+    CHECK(run_graph(e.get(), g));
+    CHECK(same(read_out(g), expect_cols({ { rows.r0 }, { rows.r1 }, {}, {} })));
+    const pyactadd_engine_stats s = pyactadd_engine_get_stats(e.get());
+    CHECK(s.n_layer_outputs_seen == 1 && s.n_layer_outputs_steered == 1 && s.n_rows_added == 2 && s.n_errors == 0);
+    // positions read once, the span read once and written once
+    CHECK(s.n_device_copies == (force ? 3u : 0u));
+
+    // A later micro-batch past the steered span: nothing asked, nothing written.
+    pyactadd_engine_reset_stats(e.get());
+    graph later = make_graph({ 4, 5 });
+    CHECK(!run_graph(e.get(), later));
+    CHECK(same(read_out(later), std::vector<float>(2 * N_EMBD, 0.0f)));
+    const pyactadd_engine_stats s2 = pyactadd_engine_get_stats(e.get());
+    CHECK(s2.n_layer_outputs_seen == 1 && s2.n_layer_outputs_steered == 0 && s2.n_rows_added == 0);
+
+    // Single-token decoding: each micro-batch picks the row of its own position.
+    for (int32_t p = 0; p < 3; ++p) {
+        graph one = make_graph({ p });
+        CHECK(run_graph(e.get(), one) == (p < 2));
+        CHECK(same(read_out(one), p < 2 ? expect_cols({ { rows.R.data() + p * N_EMBD } }) : std::vector<float>(N_EMBD, 0.0f)));
+    }
+    // Other layers are not touched.
+    graph other = make_graph({ 0, 1 }, { "l_out-2" });
+    CHECK(!run_graph(e.get(), other));
+    CHECK(same(read_out(other), std::vector<float>(2 * N_EMBD, 0.0f)));
+}
+
+// Offset 5: rows at positions 5 and 6, in a micro-batch holding positions 4..7.
+void scenario_offset(bool force) {
+    const scenario_rows rows;
+    engine_ptr e = make_engine(force);
+    CHECK(pyactadd_engine_add(e.get(), 3, rows.R.data(), 2, N_EMBD, 5, PYACTADD_ALIGN_POSITIONS) == 0);
+    graph g = make_graph({ 4, 5, 6, 7 });
+    CHECK(run_graph(e.get(), g));
+    CHECK(same(read_out(g), expect_cols({ {}, { rows.r0 }, { rows.r1 }, {} })));
+    // A micro-batch boundary inside the span: 0..5 gets row 0 only, 6.. gets row 1.
+    graph first = make_graph({ 2, 3, 4, 5 });
+    graph second = make_graph({ 6, 7 });
+    CHECK(run_graph(e.get(), first));
+    CHECK(run_graph(e.get(), second));
+    CHECK(same(read_out(first), expect_cols({ {}, {}, {}, { rows.r0 } })));
+    CHECK(same(read_out(second), expect_cols({ { rows.r1 }, {} })));
+    CHECK(pyactadd_engine_get_stats(e.get()).n_rows_added == 4);
+}
+
+// All positions, plus a front tensor on the same layer: the rows add up.
+void scenario_all_plus_front(bool force) {
+    const scenario_rows rows;
+    engine_ptr e = make_engine(force);
+    CHECK(pyactadd_engine_add(e.get(), 3, rows.A.data(), 1, N_EMBD, 0, PYACTADD_ALIGN_ALL) == 0);
+    CHECK(pyactadd_engine_add(e.get(), 3, rows.R.data(), 2, N_EMBD, 0, PYACTADD_ALIGN_POSITIONS) == 1);
+    graph g = make_graph({ 0, 1, 2 });
+    CHECK(run_graph(e.get(), g));
+    CHECK(same(read_out(g), expect_cols({ { rows.A.data(), rows.r0 }, { rows.A.data(), rows.r1 }, { rows.A.data() } })));
+    CHECK(pyactadd_engine_get_stats(e.get()).n_rows_added == 3);
+    graph late = make_graph({ 1000 });
+    CHECK(run_graph(e.get(), late));
+    CHECK(same(read_out(late), expect_cols({ { rows.A.data() } })));
+}
+
+// Two sequences in one micro-batch (positions 0,1 and 0,1): rows match by position only.
+void scenario_two_sequences(bool force) {
+    const scenario_rows rows;
+    engine_ptr e = steered_engine(force, rows);
+    graph g = make_graph({ 0, 1, 0, 1, 2 });
+    CHECK(run_graph(e.get(), g));
+    CHECK(same(read_out(g), expect_cols({ { rows.r0 }, { rows.r1 }, { rows.r0 }, { rows.r1 }, {} })));
+    CHECK(pyactadd_engine_get_stats(e.get()).n_rows_added == 4);
+}
+
+// Positions found on l_out itself, and under the scheduler's copy name.
+void scenario_positions_found_elsewhere(bool force) {
+    const scenario_rows rows;
+    engine_ptr e = steered_engine(force, rows);
+    graph_opts o;
+    o.with_rope = false;
+    o.out_reads_pos = true;
+    o.pos_name = "CPU#inp_pos#0";
+    graph g = make_graph({ 1, 2 }, o);
+    CHECK(run_graph(e.get(), g));
+    CHECK(same(read_out(g), expect_cols({ { rows.r1 }, {} })));
+}
+
+// A graph for positions 0 and 1 built with o, run through an engine that must not ask for its l_out.
+graph unasked_graph(pyactadd_engine * e, const graph_opts & o) {
+    graph g = make_graph({ 0, 1 }, o);
+    CHECK(!run_graph(e, g));
+    return g;
+}
+
+// Wrong-typed or wrong-shaped l_out: skipped, counted, reported, not written.
+void scenario_bad_layer_output(bool force) {
+    const scenario_rows rows;
+    engine_ptr e = steered_engine(force, rows);
+    graph_opts f16;
+    f16.out_type = GGML_TYPE_F16;
+    graph g = unasked_graph(e.get(), f16);
+    pyactadd_engine_stats s = pyactadd_engine_get_stats(e.get());
+    CHECK(s.n_errors == 1 && s.n_layer_outputs_steered == 0 && s.n_rows_added == 0);
+    CHECK(contains(pyactadd_engine_last_error(e.get()), "l_out-3"));
+    std::vector<uint16_t> raw(2 * N_EMBD, 0xffff);
+    ggml_backend_tensor_get(g.out, raw.data(), 0, raw.size() * sizeof(uint16_t));
+    CHECK(raw == std::vector<uint16_t>(2 * N_EMBD, 0));
+
+    graph_opts wide;
+    wide.out_ne0 = N_EMBD + 1;
+    graph w = unasked_graph(e.get(), wide);
+    CHECK(pyactadd_engine_get_stats(e.get()).n_errors == 2);
+    CHECK(same(read_out(w), std::vector<float>(2 * (N_EMBD + 1), 0.0f)));
+
+    // The engine keeps working after a skipped tensor.
+    graph ok = make_graph({ 0, 1 });
+    CHECK(run_graph(e.get(), ok));
+    CHECK(same(read_out(ok), expect_cols({ { rows.r0 }, { rows.r1 } })));
+}
+
+// A graph without positions input: reported, nothing written.
+void scenario_no_positions_input(bool force) {
+    const scenario_rows rows;
+    engine_ptr e = steered_engine(force, rows);
+    graph_opts o;
+    o.with_rope = false;
+    graph g = unasked_graph(e.get(), o);
+    CHECK(pyactadd_engine_get_stats(e.get()).n_errors == 1);
+    CHECK(contains(pyactadd_engine_last_error(e.get()), "inp_pos"));
+    CHECK(same(read_out(g), std::vector<float>(2 * N_EMBD, 0.0f)));
+}
+
+// Switching paths on a live engine.
+void scenario_switching_paths(bool force) {
+    const scenario_rows rows;
+    engine_ptr e = make_engine(!force);
+    pyactadd_engine_set_force_device_copy(e.get(), force);
+    CHECK(pyactadd_engine_add(e.get(), 3, rows.R.data(), 2, N_EMBD, 0, PYACTADD_ALIGN_POSITIONS) == 0);
+    graph g = make_graph({ 0, 1 });
+    CHECK(run_graph(e.get(), g));
+    CHECK(same(read_out(g), expect_cols({ { rows.r0 }, { rows.r1 } })));
+    CHECK((pyactadd_engine_get_stats(e.get()).n_device_copies > 0) == force);
+}
+
+// The graph scenarios, on the host path and on the device-copy path.
+void test_graph_scenarios(bool force) {
+    std::fprintf(stderr, "graph scenarios, %s path\n", force ? "device-copy" : "host");
+    scenario_front(force);
+    scenario_offset(force);
+    scenario_all_plus_front(force);
+    scenario_two_sequences(force);
+    scenario_positions_found_elsewhere(force);
+    scenario_bad_layer_output(force);
+    scenario_no_positions_input(force);
+    scenario_switching_paths(force);
+}
+
+// pyactadd_engine_load_file must return `code` with `msg` in the error and leave the engine unchanged.
+void check_refused(pyactadd_engine * e, const fs::path & path, float coeff, const char * msg,
+                   int32_t code = PYACTADD_STATUS_ERROR) {
+    const int32_t before = pyactadd_engine_count(e);
+    const int32_t n = pyactadd_engine_load_file(e, path.string().c_str(), coeff);
+    if (n != code || !contains(pyactadd_engine_last_error(e), msg)) {
+        std::fprintf(stderr, "  %s: returned %d, error '%s' (wanted %d, '%s')\n", path.filename().string().c_str(), n,
+                     pyactadd_engine_last_error(e), code, msg);
+    }
+    CHECK(n == code);
+    CHECK(contains(pyactadd_engine_last_error(e), msg));
+    CHECK(pyactadd_engine_count(e) == before);
+}
+
+// Missing, empty, garbage, truncated files, and bad arguments.
+void test_load_file_unreadable(const fs::path & dir, const fs::path & good) {
     engine_ptr e = make_engine();
-    const fs::path good = dir / "good.gguf";
-    CHECK(write_gguf(good, "controlvector", "front", { direction(3, 2), direction(1, 2, 3.0f) }));
-
-    auto refused = [&](const fs::path & path, float coeff, const char * msg) {
-        const int32_t before = pyactadd_engine_count(e.get());
-        const int32_t n = pyactadd_engine_load_file(e.get(), path.string().c_str(), coeff);
-        if (n != -1 || !contains(pyactadd_engine_last_error(e.get()), msg)) {
-            std::fprintf(stderr, "  %s: returned %d, error '%s' (wanted '%s')\n", path.filename().string().c_str(), n,
-                         pyactadd_engine_last_error(e.get()), msg);
-        }
-        CHECK(n == -1);
-        CHECK(contains(pyactadd_engine_last_error(e.get()), msg));
-        CHECK(pyactadd_engine_count(e.get()) == before);
-    };
-
-    // Missing, empty, garbage, truncated.
-    refused(dir / "missing.gguf", 1.0f, "missing.gguf");
+    check_refused(e.get(), dir / "missing.gguf", 1.0f, "missing.gguf");
     write_bytes(dir / "empty.gguf", "");
-    refused(dir / "empty.gguf", 1.0f, "cannot read");
+    check_refused(e.get(), dir / "empty.gguf", 1.0f, "cannot read");
     std::string garbage(4096, '\0');
     for (size_t i = 0; i < garbage.size(); ++i) {
         garbage[i] = (char) ((i * 2654435761u) >> 13);
     }
     write_bytes(dir / "garbage.gguf", garbage);
-    refused(dir / "garbage.gguf", 1.0f, "cannot read");
+    check_refused(e.get(), dir / "garbage.gguf", 1.0f, "cannot read");
     write_bytes(dir / "magic-only.gguf", "GGUF" + garbage);
-    refused(dir / "magic-only.gguf", 1.0f, "cannot read");
+    check_refused(e.get(), dir / "magic-only.gguf", 1.0f, "cannot read");
     const std::string whole = read_bytes(good);
     for (size_t keep : { whole.size() / 4, whole.size() / 2, whole.size() - 1 }) {
         write_bytes(dir / "truncated.gguf", whole.substr(0, keep));
-        refused(dir / "truncated.gguf", 1.0f, "cannot read");
+        check_refused(e.get(), dir / "truncated.gguf", 1.0f, "cannot read");
     }
     CHECK(pyactadd_engine_load_file(e.get(), nullptr, 1.0f) == -1);
-    refused(good, std::numeric_limits<float>::quiet_NaN(), "finite");
-    refused(good, std::numeric_limits<float>::infinity(), "finite");
+    check_refused(e.get(), good, std::numeric_limits<float>::quiet_NaN(), "finite");
+    check_refused(e.get(), good, std::numeric_limits<float>::infinity(), "finite");
+}
 
-    // Well-formed GGUF that is not a steering file for this engine.
-    CHECK(write_gguf(dir / "llama.gguf", "llama", "front", { direction(3, 2) }));
-    refused(dir / "llama.gguf", 1.0f, "not a control-vector file");
-    CHECK(write_gguf(dir / "noarch.gguf", nullptr, "front", { direction(3, 2) }));
-    refused(dir / "noarch.gguf", 1.0f, "not a control-vector file");
-    CHECK(write_gguf(dir / "empty-cvec.gguf", "controlvector", "front", {}));
-    refused(dir / "empty-cvec.gguf", 1.0f, "no direction tensors");
-    CHECK(write_gguf(dir / "back.gguf", "controlvector", "back", { direction(3, 2) }));
-    refused(dir / "back.gguf", 1.0f, "prompt length");
+// Well-formed GGUF that is not a steering file for this engine.
+void test_load_file_wrong_content(const fs::path & dir) {
+    engine_ptr e = make_engine();
+    auto refused = [&](const char * name, const char * arch, const std::vector<file_tensor> & tensors, const char * msg,
+                       const char * alignment = "front") {
+        CHECK(write_gguf(dir / name, arch, alignment, tensors));
+        check_refused(e.get(), dir / name, 1.0f, msg);
+    };
+    refused("llama.gguf", "llama", { direction(3, 2) }, "not a control-vector file");
+    refused("noarch.gguf", nullptr, { direction(3, 2) }, "not a control-vector file");
+    refused("empty-cvec.gguf", "controlvector", {}, "no direction tensors");
+    refused("back.gguf", "controlvector", { direction(3, 2) }, "prompt length", "back");
+    refused("middle.gguf", "controlvector", { direction(3, 2) }, "unknown alignment", "middle");
     file_tensor odd = direction(3, 2);
     odd.name = "steer.3";
-    CHECK(write_gguf(dir / "name.gguf", "controlvector", "front", { odd }));
-    refused(dir / "name.gguf", 1.0f, "unexpected tensor");
+    refused("name.gguf", "controlvector", { odd }, "unexpected tensor");
     odd.name = "direction.3a";
-    CHECK(write_gguf(dir / "name2.gguf", "controlvector", "front", { odd }));
-    refused(dir / "name2.gguf", 1.0f, "unexpected tensor");
-    CHECK(write_gguf(dir / "layer.gguf", "controlvector", "front", { direction(N_LAYER - 1, 2) }));
-    refused(dir / "layer.gguf", 1.0f, "out of range");
+    refused("name2.gguf", "controlvector", { odd }, "unexpected tensor");
+    refused("layer.gguf", "controlvector", { direction(N_LAYER - 1, 2) }, "out of range");
     file_tensor narrow = direction(3, 2);
     narrow.ne[0] = N_EMBD / 2;
     narrow.ne[1] = 4;
-    CHECK(write_gguf(dir / "narrow.gguf", "controlvector", "front", { narrow }));
-    refused(dir / "narrow.gguf", 1.0f, "n_embd");
+    refused("narrow.gguf", "controlvector", { narrow }, "n_embd");
     file_tensor nan = direction(3, 2);
     nan.data[3] = std::numeric_limits<float>::quiet_NaN();
-    CHECK(write_gguf(dir / "nan.gguf", "controlvector", "front", { nan }));
-    refused(dir / "nan.gguf", 1.0f, "NaN");
+    refused("nan.gguf", "controlvector", { nan }, "NaN");
     file_tensor half = direction(3, 2);
     half.type = GGML_TYPE_F16;
-    CHECK(write_gguf(dir / "f16.gguf", "controlvector", "front", { half }));
-    refused(dir / "f16.gguf", 1.0f, "F32");
+    refused("f16.gguf", "controlvector", { half }, "F32");
     file_tensor cube = direction(3, 2);
     cube.ne = { N_EMBD, 1, 2 };
-    CHECK(write_gguf(dir / "3d.gguf", "controlvector", "front", { cube }));
-    refused(dir / "3d.gguf", 1.0f, "dimensions");
+    refused("3d.gguf", "controlvector", { cube }, "dimensions");
     // All or nothing: a good tensor before a bad one is not kept.
-    CHECK(write_gguf(dir / "half-good.gguf", "controlvector", "front", { direction(1, 2), direction(N_LAYER + 3, 2) }));
-    refused(dir / "half-good.gguf", 1.0f, "out of range");
+    refused("half-good.gguf", "controlvector", { direction(1, 2), direction(N_LAYER + 3, 2) }, "out of range");
     CHECK(pyactadd_engine_count(e.get()) == 0);
+}
 
-    // A valid per-position file, scaled by coeff, front-aligned.
+// Valid files: per-position rows scaled by coeff, front-aligned; a stock 1-D file at every position.
+void test_load_file_valid(const fs::path & dir, const fs::path & good) {
+    engine_ptr e = make_engine();
     CHECK(pyactadd_engine_load_file(e.get(), good.string().c_str(), 2.0f) == 2);
     CHECK(pyactadd_engine_count(e.get()) == 2);
     CHECK(std::strcmp(pyactadd_engine_last_error(e.get()), "") == 0);
@@ -681,13 +765,204 @@ void test_load_file(const fs::path & dir) {
     CHECK(pyactadd_engine_remove(e.get(), 1) == 0);
     CHECK(pyactadd_engine_count(e.get()) == 0);
 
-    // llama.cpp's own 1-D control vector (no pyactadd keys): row 0 at every position.
+    // llama.cpp's own 1-D control vector (no alignment key): row 0 at every position.
     CHECK(write_gguf(dir / "stock.gguf", "controlvector", nullptr, { direction(3, 0) }));
     CHECK(pyactadd_engine_load_file(e.get(), (dir / "stock.gguf").string().c_str(), -1.0f) == 1);
     const std::vector<float> S = rows_of(1, -1.0f);
     graph gs = make_graph({ 7, 8, 9 });
     CHECK(run_graph(e.get(), gs));
     CHECK(same(read_out(gs), expect_cols({ { S.data() }, { S.data() }, { S.data() } })));
+}
+
+void test_load_file(const fs::path & dir) {
+    const fs::path good = dir / "good.gguf";
+    CHECK(write_gguf(good, "controlvector", "front", { direction(3, 2), direction(1, 2, 3.0f) }));
+    test_load_file_unreadable(dir, good);
+    test_load_file_wrong_content(dir);
+    test_load_file_valid(dir, good);
+}
+
+// --- pyactadd_file_read_info -----------------------------------------------------------
+
+// A file as pyactadd writes it: fingerprint, anchor, front alignment, two 3-row layers.
+void test_file_info_pyactadd(const fs::path & dir) {
+    file_meta m;
+    m.alignment = "front";
+    m.anchor = "<|im_start|>";
+    m.anchor_id = 1;
+    m.fingerprint = true;
+    const fs::path path = dir / "info.gguf";
+    CHECK(write_gguf(path, m, { direction(4, 3), direction(2, 3) }));
+    pyactadd_file_info info;
+    std::memset(&info, 0x5a, sizeof(info)); // every field must be written
+    CHECK(pyactadd_file_read_info(path.string().c_str(), &info) == 0);
+    CHECK(std::strcmp(info.error, "") == 0);
+    CHECK(info.source == PYACTADD_FILE_SOURCE_PYACTADD);
+    CHECK(info.alignment == PYACTADD_FILE_ALIGN_FRONT);
+    CHECK(std::strcmp(info.anchor, "<|im_start|>") == 0 && info.anchor_token_id == 1);
+    CHECK(info.has_fingerprint && std::strcmp(info.model_architecture, "llama") == 0);
+    CHECK(info.model_n_embd == N_EMBD && info.model_n_layer == N_LAYER && info.model_n_vocab == 1000);
+    CHECK(info.n_positions == 3 && info.n_layers == 2 && info.layers[0] == 2 && info.layers[1] == 4);
+
+    m.alignment = "back";
+    CHECK(write_gguf(dir / "info-back.gguf", m, { direction(4, 3) }));
+    CHECK(pyactadd_file_read_info((dir / "info-back.gguf").string().c_str(), &info) == 0);
+    CHECK(info.alignment == PYACTADD_FILE_ALIGN_BACK && info.n_layers == 1);
+}
+
+// A stock llama.cpp control vector: no pyactadd keys at all.
+void test_file_info_stock(const fs::path & dir) {
+    file_meta m;
+    m.anchor_id_key = false;
+    const fs::path path = dir / "info-stock.gguf";
+    CHECK(write_gguf(path, m, { direction(5, 0), direction(1, 0) }));
+    pyactadd_file_info info;
+    CHECK(pyactadd_file_read_info(path.string().c_str(), &info) == 0);
+    CHECK(info.source == PYACTADD_FILE_SOURCE_LLAMA_CPP && info.alignment == PYACTADD_FILE_ALIGN_ALL);
+    CHECK(std::strcmp(info.anchor, "none") == 0 && info.anchor_token_id == -1);
+    CHECK(!info.has_fingerprint && info.model_architecture[0] == '\0');
+    CHECK(info.model_n_embd == N_EMBD && info.model_n_layer == 0 && info.model_n_vocab == 0);
+    CHECK(info.n_positions == 1 && info.n_layers == 2 && info.layers[0] == 1 && info.layers[1] == 5);
+}
+
+// NULL arguments and bad files: -1, the reason in error, every other field zero.
+void test_file_info_refused(const fs::path & dir) {
+    pyactadd_file_info info;
+    CHECK(pyactadd_file_read_info(nullptr, nullptr) == PYACTADD_STATUS_ERROR);
+    CHECK(pyactadd_file_read_info((dir / "info.gguf").string().c_str(), nullptr) == PYACTADD_STATUS_ERROR);
+    CHECK(pyactadd_file_read_info(nullptr, &info) == PYACTADD_STATUS_ERROR && contains(info.error, "no file name"));
+    auto refused = [&](const fs::path & path, const char * msg) {
+        std::memset(&info, 0x5a, sizeof(info));
+        CHECK(pyactadd_file_read_info(path.string().c_str(), &info) == PYACTADD_STATUS_ERROR);
+        if (!contains(info.error, msg)) {
+            std::fprintf(stderr, "  %s: error '%s' (wanted '%s')\n", path.filename().string().c_str(), info.error, msg);
+        }
+        CHECK(contains(info.error, msg));
+        CHECK(info.n_layers == 0 && info.model_n_embd == 0 && info.anchor[0] == '\0');
+    };
+    refused(dir / "missing.gguf", "cannot read");
+    refused(dir / "garbage.gguf", "cannot read");
+    refused(dir / "llama.gguf", "not a control-vector file");
+    refused(dir / "middle.gguf", "unknown alignment");
+    refused(dir / "name.gguf", "unexpected tensor");
+    file_meta m;
+    m.fingerprint = true;
+    m.n_embd = N_EMBD + 1;
+    CHECK(write_gguf(dir / "info-width.gguf", m, { direction(3, 2) }));
+    refused(dir / "info-width.gguf", "pyactadd.model.n_embd");
+    file_meta typed;
+    typed.anchor_id_key = false;
+    typed.float_key = "pyactadd.anchor_token_id";
+    CHECK(write_gguf(dir / "info-type.gguf", typed, { direction(3, 2) }));
+    refused(dir / "info-type.gguf", "pyactadd.anchor_token_id should be an integer");
+    CHECK(write_gguf(dir / "info-none.gguf", file_meta(), {}));
+    refused(dir / "info-none.gguf", "no direction tensors");
+    // An engine without a model loads a file whatever model it names (n_embd permitting).
+    engine_ptr e = make_engine();
+    CHECK(pyactadd_engine_load_file(e.get(), (dir / "info.gguf").string().c_str(), 1.0f) == 2);
+}
+
+void test_file_info(const fs::path & dir) {
+    test_file_info_pyactadd(dir);
+    test_file_info_stock(dir);
+    test_file_info_refused(dir);
+}
+
+// --- an engine given the model (engine_test MODEL.gguf) --------------------------------
+
+struct model_deleter {
+    void operator()(llama_model * m) const { llama_model_free(m); }
+};
+
+// A direction tensor as wide as the model: 2 rows, or 1-D for a stock file.
+file_tensor model_direction(int il, int64_t n_embd, bool one_d = false) {
+    file_tensor t;
+    t.name = "direction." + std::to_string(il);
+    t.ne = one_d ? std::vector<int64_t>{ n_embd } : std::vector<int64_t>{ n_embd, 2 };
+    t.data.assign((size_t) n_embd * (one_d ? 1 : 2), 0.25f);
+    return t;
+}
+
+// params.model fills n_embd and n_layer, and a non-zero one that differs is refused.
+void test_engine_from_model(const llama_model * model) {
+    pyactadd_engine_params p = pyactadd_engine_default_params();
+    p.model = model;
+    engine_ptr e(pyactadd_engine_create(p));
+    CHECK(e != nullptr);
+    const std::vector<float> row((size_t) llama_model_n_embd(model), 1.0f);
+    const int32_t last = llama_model_n_layer(model) - 2;
+    CHECK(pyactadd_engine_add(e.get(), last, row.data(), 1, (int32_t) row.size(), 0, PYACTADD_ALIGN_ALL) == 0);
+    CHECK(pyactadd_engine_add(e.get(), last + 1, row.data(), 1, (int32_t) row.size(), 0, PYACTADD_ALIGN_ALL) == -1);
+    p.n_embd = llama_model_n_embd(model) + 1;
+    CHECK(pyactadd_engine_create(p) == nullptr);
+    p.n_embd = llama_model_n_embd(model);
+    p.n_layer = llama_model_n_layer(model);
+    engine_ptr same_sizes(pyactadd_engine_create(p));
+    CHECK(same_sizes != nullptr);
+}
+
+// Files for this model load; files naming another one are refused with -2 and the fix.
+void test_load_file_for_model(const fs::path & dir, const llama_model * model) {
+    pyactadd_engine_params p = pyactadd_engine_default_params();
+    p.model = model;
+    engine_ptr e(pyactadd_engine_create(p));
+    char arch[64] = "";
+    CHECK(llama_model_meta_val_str(model, "general.architecture", arch, sizeof(arch)) > 0);
+    const int64_t n_embd = llama_model_n_embd(model);
+    file_meta m;
+    m.alignment = "front";
+    m.fingerprint = true;
+    m.model_arch = arch;
+    m.n_embd = (uint32_t) n_embd;
+    m.n_layer = (uint32_t) llama_model_n_layer(model);
+    m.n_vocab = (uint32_t) llama_vocab_n_tokens(llama_model_get_vocab(model));
+    const std::vector<file_tensor> tensors = { model_direction(5, n_embd) };
+    auto path_for = [&](const char * name, const file_meta & meta) {
+        CHECK(write_gguf(dir / name, meta, tensors));
+        return dir / name;
+    };
+    const fs::path fits = path_for("fits.gguf", m);
+    CHECK(pyactadd_engine_load_file(e.get(), fits.string().c_str(), 1.0f) == 1);
+
+    const char * fix = "re-extract the vector for this model";
+    file_meta other = m;
+    other.n_vocab = m.n_vocab + 1;
+    check_refused(e.get(), path_for("vocab.gguf", other), 1.0f, "(n_vocab", PYACTADD_STATUS_MODEL_MISMATCH);
+    check_refused(e.get(), dir / "vocab.gguf", 1.0f, fix, PYACTADD_STATUS_MODEL_MISMATCH);
+    other = m;
+    other.model_arch = "gemma3";
+    check_refused(e.get(), path_for("arch.gguf", other), 1.0f, "(architecture gemma3 !=", PYACTADD_STATUS_MODEL_MISMATCH);
+    other = m;
+    other.n_layer = m.n_layer + 2;
+    check_refused(e.get(), path_for("nlayer.gguf", other), 1.0f, "(n_layer", PYACTADD_STATUS_MODEL_MISMATCH);
+
+    // What a file leaves unknown is not compared; a stock file is checked on n_embd only.
+    other = m;
+    other.model_arch = "";
+    other.n_vocab = 0;
+    CHECK(pyactadd_engine_load_file(e.get(), path_for("unknown.gguf", other).string().c_str(), 1.0f) == 1);
+    file_meta stock;
+    stock.anchor_id_key = false;
+    CHECK(write_gguf(dir / "stock-model.gguf", stock, { model_direction(5, n_embd, true) }));
+    CHECK(pyactadd_engine_load_file(e.get(), (dir / "stock-model.gguf").string().c_str(), 1.0f) == 1);
+    CHECK(write_gguf(dir / "stock-narrow.gguf", stock, { direction(5, 0) }));
+    check_refused(e.get(), dir / "stock-narrow.gguf", 1.0f, "(n_embd", PYACTADD_STATUS_MODEL_MISMATCH);
+    CHECK(pyactadd_engine_count(e.get()) == 3);
+}
+
+// Returns false when the model cannot be loaded (a test failure in itself).
+bool test_with_model(const fs::path & dir, const char * model_path) {
+    // The weights too: a vocab-only load leaves llama_model_n_embd and n_layer at 0.
+    llama_model_params mp = llama_model_default_params();
+    std::unique_ptr<llama_model, model_deleter> model(llama_model_load_from_file(model_path, mp));
+    CHECK(model != nullptr);
+    if (!model) {
+        return false;
+    }
+    test_engine_from_model(model.get());
+    test_load_file_for_model(dir, model.get());
+    std::fprintf(stderr, "model checks run on %s\n", model_path);
+    return true;
 }
 
 void quiet_log(ggml_log_level /*level*/, const char * /*text*/, void * /*user_data*/) {
@@ -697,8 +972,10 @@ void quiet_log(ggml_log_level /*level*/, const char * /*text*/, void * /*user_da
 
 } // namespace
 
-int main() {
+// Usage: engine_test [MODEL.gguf]; with a model, the checks of an engine given one run too.
+int main(int argc, char ** argv) {
     ggml_log_set(quiet_log, nullptr);
+    llama_log_set(quiet_log, nullptr);
     std::error_code ec;
     const fs::path dir = fs::temp_directory_path() / ("pyactadd-engine-test-" + std::to_string((long) ::getpid()));
     fs::create_directories(dir, ec);
@@ -717,6 +994,12 @@ int main() {
     test_graph_scenarios(false);
     test_graph_scenarios(true);
     test_load_file(dir);
+    test_file_info(dir);
+    if (argc > 1) {
+        llama_backend_init();
+        test_with_model(dir, argv[1]);
+        llama_backend_free();
+    }
 
     fs::remove_all(dir, ec);
     std::fprintf(stderr, "engine_test: %d checks, %d failed\n", g_checks, g_failures);

@@ -2,74 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import click
 
 from pyactadd.cli import main
-from pyactadd.cli.params import FiniteFloat, model_option
-
-CONVENTIONS = click.Choice(["block-input", "block-output"])
-
-
-class LayerSpec(click.ParamType):
-    """``6``, ``3-20`` or ``3,5,7``: pyactadd block-input layers."""
-
-    name = "L|A-B|A,B"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, list):
-            return value
-        layers: list[int] = []
-        for part in str(value).split(","):
-            part = part.strip()
-            match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-            if match is None:
-                self.fail(f"{value!r} is not a layer, a range A-B or a list A,B (block-input numbers)", param, ctx)
-            first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-            if last < first:
-                self.fail(f"range {part!r} runs backwards: write {last}-{first}", param, ctx)
-            layers.extend(range(first, last + 1))
-        return layers
-
-
-def layer_options(f):
-    """The options that say how to read a file's layers (shared with ``inspect``)."""
-    f = click.option(
-        "--stacked",
-        is_flag=True,
-        help="A lone array's first axis is the layer index ([layers, n_embd] or [layers, positions, n_embd]).",
-    )(f)
-    f = click.option(
-        "-l",
-        "--layer",
-        "layers",
-        type=LayerSpec(),
-        multiple=True,
-        help="Keep only these pyactadd layers L (6, 3-20 or 3,5,7; repeatable). For a lone array: the layer it is.",
-    )(f)
-    f = click.option(
-        "--shift-layers",
-        is_flag=True,
-        help="cvector-generator files: put direction.N at block input L = N, where it was computed "
-        "(llama.cpp applies it one block later).",
-    )(f)
-    f = click.option(
-        "--layer-convention",
-        type=CONVENTIONS,
-        default=None,
-        help="How a tensor file numbers layers: block-input (hidden_states[i]) or block-output "
-        "(the output of block i: repeng, steering-vectors). Required for tensor files.",
-    )(f)
-    return f
-
-
-def flat_layers(layers: tuple[list[int], ...]) -> list[int] | None:
-    """Merge repeated ``--layer`` values (``None`` when not given)."""
-    merged = [layer for group in layers for layer in group]
-    return merged or None
-
+from pyactadd.cli.params import CONVENTIONS, FiniteFloat, flat_layers, layer_options, model_fingerprint, model_option
 
 @main.command("convert")
 @click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
@@ -108,43 +46,23 @@ def convert_command(source, output, layer_convention, shift_layers, layers, stac
       pyactadd convert cvec.gguf fixed.gguf --shift-layers --scale 8
       pyactadd convert love.gguf love.safetensors --to-convention block-output
     """
-    from pyactadd.vector.convert import load, parse_reduction, reduce_vector, save_vector, stock_problem
-    from pyactadd.vector.convert.writing import OUTPUT_SUFFIXES
-    from pyactadd.errors import InputError
+    from pyactadd.vector.convert import OUTPUT_SUFFIXES, convert_file
 
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise click.BadParameter(f"{output.name} should end in .gguf, .safetensors, .npz or .pt", param_hint="OUTPUT")
-    how = parse_reduction(reduction) if reduction is not None else None
-    loaded = load(
+    converted = convert_file(
         source,
+        output,
         layer_convention=layer_convention,
         shift_layers=shift_layers,
         layers=flat_layers(layers),
         stacked=stacked,
-        model=model,
-        alignment=None if how is not None else align,
+        reduction=reduction,
+        llama_cpp=llama_cpp,
+        to_convention=to_convention,
+        alignment=align,
         scale=scale,
+        model=None if model is None else model_fingerprint(model),
     )
-    vector = loaded.vector
-    if how is not None:
-        vector = reduce_vector(vector, how)
-        if align is not None and align != "all":
-            import dataclasses
-
-            vector = dataclasses.replace(vector, alignment=align)
-    if llama_cpp:
-        problem = stock_problem(vector)
-        if problem is not None:
-            raise InputError(f"cannot write a stock llama.cpp control vector: {problem}")
-    save_vector(vector, output, llama_cpp=llama_cpp, layer_convention=to_convention)
-    what = "stock llama.cpp control vector" if llama_cpp else f"{output.suffix.lstrip('.')} file"
-    layers_text = ", ".join(str(layer) for layer in vector.layer_ids)
-    click.echo(
-        f"Wrote {output} ({what}): layer {layers_text}, {vector.n_positions} row(s) x {vector.n_embd}, "
-        f"alignment {vector.alignment}; read {source.name} as {loaded.producer} {loaded.kind}",
-        err=True,
-    )
-    for note in loaded.notes:
-        if "--shift-layers" in note and shift_layers:
-            continue
-        click.echo(f"Note: {note}", err=True)
+    for line in converted.messages(shift_layers=shift_layers):
+        click.echo(line, err=True)

@@ -1,9 +1,10 @@
-"""Terminal output for completions: side-by-side columns that fit the terminal."""
+"""Terminal layout: side-by-side completions that fit the terminal, aligned tables, reports."""
 
 from __future__ import annotations
 
 import shutil
 import textwrap
+from typing import Iterable, Sequence
 
 
 def side_by_side(left_title: str, left: str, right_title: str, right: str, *, width: int | None = None) -> str:
@@ -23,3 +24,25 @@ def side_by_side(left_title: str, left: str, right_title: str, right: str, *, wi
     a += [""] * (rows - len(a))
     b += [""] * (rows - len(b))
     return "\n".join(f"{x:<{col}} | {y}".rstrip() for x, y in zip(a, b))
+
+
+def table(rows: Sequence[Sequence[object]], right: Iterable[int] = ()) -> list[str]:
+    """Lines of an aligned table: the first row is the header, underlined; columns in ``right`` are right-aligned."""
+    right = set(right)
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for n, row in enumerate(rows):
+        cells = [str(v).rjust(w) if i in right else str(v).ljust(w) for i, (v, w) in enumerate(zip(row, widths))]
+        out.append("  ".join(cells).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def render(blocks: Iterable[object]) -> str:
+    """A report (``pyactadd.measure.report``'s blocks) as text: a ``str`` is a line, anything
+    else a table with ``rows`` and ``right``; trailing blank lines are dropped."""
+    lines: list[str] = []
+    for block in blocks:
+        lines += [block] if isinstance(block, str) else table(block.rows, block.right)
+    return "\n".join(lines).rstrip()

@@ -8,8 +8,7 @@ from pathlib import Path
 import click
 
 from pyactadd.cli import main
-from pyactadd.cli.convert_cmd import flat_layers, layer_options
-from pyactadd.cli.params import model_option
+from pyactadd.cli.params import flat_layers, layer_options, model_option, target_model
 
 
 @main.command("inspect")
@@ -34,7 +33,12 @@ def inspect_command(file, layer_convention, shift_layers, layers, stacked, as_js
     from pyactadd.vector.convert import inspect_file, render_text
 
     report = inspect_file(
-        file, layer_convention=layer_convention, shift_layers=shift_layers, layers=flat_layers(layers), stacked=stacked, model=model
+        file,
+        layer_convention=layer_convention,
+        shift_layers=shift_layers,
+        layers=flat_layers(layers),
+        stacked=stacked,
+        model=target_model(model),
     )
     if as_json:
         click.echo(json.dumps(report, ensure_ascii=False, indent=2))

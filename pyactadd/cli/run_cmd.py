@@ -8,38 +8,47 @@ import sys
 import click
 
 from pyactadd.cli import main
-from pyactadd.cli.params import AlignType, FiniteFloat, SteerSpec, model_option, placement_from, rpc_options
+from pyactadd.cli.display import side_by_side
+from pyactadd.cli.params import (
+    AlignType,
+    FiniteFloat,
+    apply_options,
+    gguf_model,
+    model_option,
+    placement_from,
+    rpc_options,
+    steer_option,
+    threads_option,
+)
+
+_OPTIONS = [
+    steer_option("love.gguf", note=", each at its own alignment"),
+    click.option("--align", type=AlignType(), default=None, help="front, back, all or a position offset, for every file. Default: each file's own."),
+    click.option("--max-tokens", type=click.IntRange(1, 100000), default=48, show_default=True),
+    click.option("--temperature", type=FiniteFloat(), default=0.7, show_default=True, help="0 for greedy decoding."),
+    click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=0.95, show_default=True),
+    click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True, help="Same seed for both runs of --compare."),
+    click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template."),
+    click.option("--compare", is_flag=True, help="Also generate without steering and show both side by side."),
+    click.option("--json", "as_json", is_flag=True, help="Print one JSON object (prompt, settings, completions) instead of text."),
+    click.option("--n-ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True, help="Context length."),
+    threads_option,
+    model_option,
+    rpc_options,
+]
 
 
 @main.command("run")
 @click.argument("prompt")
-@click.option(
-    "-s",
-    "--steer",
-    "steer",
-    type=SteerSpec(),
-    multiple=True,
-    help="Steering file, optionally with a coefficient that multiplies the file's own (love.gguf:4). Repeat to sum several.",
-)
-@click.option("--align", type=AlignType(), default=None, help="front, back, all or a position offset. Default: each file's own.")
-@click.option("--max-tokens", type=click.IntRange(1, 100000), default=48, show_default=True)
-@click.option("--temperature", type=FiniteFloat(), default=0.7, show_default=True, help="0 for greedy decoding.")
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=0.95, show_default=True)
-@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True, help="Same seed for both runs of --compare.")
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
-@click.option("--compare", is_flag=True, help="Also generate without steering and show both side by side.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (prompt, settings, completions) instead of text.")
-@click.option("--n-ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True, help="Context length.")
-@click.option("--threads", type=click.IntRange(1, 512), default=None, help="CPU threads (default: all cores, at most 8).")
-@model_option
-@rpc_options
+@apply_options(_OPTIONS)
 def run_command(
     prompt, steer, align, max_tokens, temperature, top_p, seed, chat, compare, as_json, n_ctx, threads, model, rpc, rpc_split, rpc_layers
 ):
     """Generate a completion of PROMPT with steering added inside llama.cpp.
 
     Each steering file's rows are added to the residual stream at the positions its
-    alignment gives (front: row p at position p), in the layers it was made for.
+    alignment gives (front: row p at position p), in the layers it was made for; files
+    with different alignments mix, and --align overrides them all.
     Without --json the steered text streams to the terminal.
 
     \b
@@ -48,22 +57,34 @@ def run_command(
       pyactadd run "Tell me about your day" --chat --steer love.gguf --json
       pyactadd run "I hate you because" --steer love.gguf:5 --rpc 10.0.0.2:50052,10.0.0.3:50052
     """
-    from pyactadd.default_model import resolve_model
     from pyactadd.runtime.generate import Sampling, load_llama, run
 
     if temperature < 0:
         raise click.BadParameter("must be >= 0", param_hint="--temperature")
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty: give a non-empty text", param_hint="PROMPT")
-    model_path = resolve_model(model)
-    if not model_path.is_file():
-        raise click.BadParameter(f"{model_path} is not a GGUF file (llama.cpp runs GGUF models)", param_hint="--model")
+    model_path = gguf_model(model)
     placement = placement_from(rpc, rpc_split, rpc_layers)
     sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    vectors = [(vector, coeff) for _, vector, coeff in steer]
     llama = load_llama(model_path, n_ctx=n_ctx, n_threads=threads, placement=placement)
-
     stream = not as_json and not compare
+    vectors = [(vector, coeff) for _, vector, coeff in steer]
+    result = run(
+        llama, prompt, vectors, sampling, align=align, chat=chat, compare=compare, on_text=_streamer(prompt) if stream else None
+    )
+    if as_json:
+        settings = {**sampling.as_dict(), "chat": chat, "align": align, "n_ctx": n_ctx, "rpc": rpc}
+        click.echo(json.dumps(_payload(prompt, result, model_path, settings, steer, align), ensure_ascii=False, indent=2))
+    elif compare:
+        label = " + ".join(f"{path}:{coeff:g}" for path, _, coeff in steer) or "no vector"
+        click.secho(prompt, bold=True)
+        click.echo(side_by_side("unsteered", result["unsteered"], f"steered ({label})", result["steered"]))
+    else:
+        click.echo()
+
+
+def _streamer(prompt: str):
+    """An ``on_text`` that writes pieces to the terminal as they come."""
     started = []
 
     def on_text(piece: str) -> None:
@@ -74,34 +95,19 @@ def run_command(
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    result = run(
-        llama,
-        prompt,
-        vectors,
-        sampling,
-        align=align,
-        chat=chat,
-        compare=compare,
-        on_text=on_text if stream else None,
-    )
-    if as_json:
-        payload = {
-            "prompt": prompt,
-            "prompt_tokens": result["prompt_tokens"],
-            "model": str(model_path),
-            "settings": {**sampling.as_dict(), "chat": chat, "align": align, "n_ctx": n_ctx, "rpc": rpc},
-            "steering": [
-                {"file": path, "coeff": coeff, "layers": vector.layer_ids, "positions": vector.n_positions, "alignment": align or vector.alignment}
-                for path, vector, coeff in steer
-            ],
-            "completions": {key: result[key] for key in ("unsteered", "steered") if key in result},
-        }
-        click.echo(json.dumps(payload, ensure_ascii=False, indent=2))
-    elif compare:
-        from pyactadd.cli.display import side_by_side
+    return on_text
 
-        label = " + ".join(f"{path}:{coeff:g}" for path, _, coeff in steer) or "no vector"
-        click.secho(prompt, bold=True)
-        click.echo(side_by_side("unsteered", result["unsteered"], f"steered ({label})", result["steered"]))
-    else:
-        click.echo()
+
+def _payload(prompt: str, result: dict, model_path, settings: dict, steer, align) -> dict:
+    """The --json output."""
+    return {
+        "prompt": prompt,
+        "prompt_tokens": result["prompt_tokens"],
+        "model": str(model_path),
+        "settings": settings,
+        "steering": [
+            {"file": path, "coeff": coeff, "layers": vector.layer_ids, "positions": vector.n_positions, "alignment": align if align is not None else vector.alignment}
+            for path, vector, coeff in steer
+        ],
+        "completions": {key: result[key] for key in ("unsteered", "steered") if key in result},
+    }

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import threading
 
 import click
 
@@ -39,6 +37,7 @@ def worker_command(host, port, threads, cache_dir):
       pyactadd worker --port 50052
       pyactadd worker --host 10.0.0.2 --port 50052 --threads 8
     """
+    from pyactadd.native import default_threads
     from pyactadd.runtime import rpc
 
     endpoint = rpc.parse_endpoint(f"{host}:{port}")
@@ -48,33 +47,18 @@ def worker_command(host, port, threads, cache_dir):
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
     backends = rpc.worker_backends()
-    n_threads = threads or max(1, min(os.cpu_count() or 1, 8))
+    n_threads = threads or default_threads()
     click.echo(
         f"pyactadd worker: listening on {endpoint} with {', '.join(label for _, label in backends)}, "
         f"{n_threads} thread(s) (Ctrl+C to stop)",
         err=True,
     )
-    # ggml's server loop never returns while it serves; it runs on a daemon thread so the
-    # main thread can take Ctrl+C and SIGTERM and end the process promptly.
-    ended = threading.Event()
-    gave_up: list[bool] = []
-
-    def serve() -> None:
-        try:
-            rpc.serve(endpoint, [d for d, _ in backends], threads=n_threads, cache_dir=cache_dir)
-        finally:
-            gave_up.append(True)
-            ended.set()
-
-    signal.signal(signal.SIGTERM, lambda *_: ended.set())
-    threading.Thread(target=serve, name="ggml-rpc-server", daemon=True).start()
     try:
-        while not ended.wait(0.5):
-            pass
+        ended = rpc.run_worker(endpoint, [d for d, _ in backends], threads=n_threads, cache_dir=cache_dir)
     except KeyboardInterrupt:
         click.echo("pyactadd worker: stopped.", err=True)
         os._exit(130)
-    if gave_up:
+    if ended == "gave up":
         click.echo(f"Error: ggml's RPC server on {endpoint} stopped (its reason is printed above)", err=True)
         os._exit(1)
     click.echo("pyactadd worker: stopped.", err=True)

@@ -1,12 +1,15 @@
 """Recording the residual stream entering chosen blocks, with forward pre-hooks.
 
 A forward pre-hook on block ``L`` sees exactly ``hidden_states[L]`` of transformers, which
-is pyactadd's layer ``L`` (see :mod:`pyactadd.vector.layers`).
+is pyactadd's layer ``L`` (see :mod:`pyactadd.vector.layers`). :func:`record_block_inputs`
+runs one batch; :func:`record_pairs` runs many pairs in batches, in either of the two
+ways the extraction methods read them (:data:`pyactadd.extract.methods.POSITIONS` and
+``LAST_TOKENS``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -15,6 +18,11 @@ from pyactadd.extract.torch_model import model_blocks
 
 if TYPE_CHECKING:
     import torch
+
+    from pyactadd.extract.sinks import SinkCheck
+
+PairIds = Sequence[tuple[list[int], list[int]]]
+"""Token ids of each pair: (positive, negative), unpadded."""
 
 
 class _StopForward(Exception):
@@ -47,13 +55,7 @@ def record_block_inputs(
     """
     import torch
 
-    rows = [list(ids) for ids in batch_ids]
-    if not rows or not rows[0]:
-        raise InputError("record_block_inputs needs at least one non-empty prompt")
-    if any(len(ids) != len(rows[0]) for ids in rows):
-        raise InputError(
-            f"prompts must have the same number of tokens for one batched pass, got {[len(ids) for ids in rows]}: pad them"
-        )
+    rows = _checked_rows(batch_ids)
     mask_rows = None if attention_mask is None else _checked_mask(attention_mask, rows)
     blocks = model_blocks(model)
     wanted = sorted({int(layer) for layer in layers})
@@ -64,19 +66,10 @@ def record_block_inputs(
             raise InputError(f"layer {layer} is not a block input of this {len(blocks)}-block model")
 
     captured: dict[int, torch.Tensor] = {}
-    last = wanted[-1]
-
-    def make_hook(layer: int):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            captured[layer] = hidden.detach().to(dtype=torch.float32, device="cpu").clone()
-            if layer == last:
-                raise _StopForward
-            return None
-
-        return hook
-
-    handles = [blocks[layer].register_forward_pre_hook(make_hook(layer), with_kwargs=True) for layer in wanted]
+    handles = [
+        blocks[layer].register_forward_pre_hook(_capture(layer, captured, stop=layer == wanted[-1]), with_kwargs=True)
+        for layer in wanted
+    ]
     try:
         input_ids = torch.tensor(rows, dtype=torch.long, device=_device_of(model))
         extra = {}
@@ -96,6 +89,31 @@ def record_block_inputs(
     return {layer: captured[layer].numpy() for layer in wanted}
 
 
+def _capture(layer: int, captured: dict, *, stop: bool):
+    """A pre-hook that copies block ``layer``'s input into ``captured`` (and ends the pass when ``stop``)."""
+    import torch
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured[layer] = hidden.detach().to(dtype=torch.float32, device="cpu").clone()
+        if stop:
+            raise _StopForward
+        return None
+
+    return hook
+
+
+def _checked_rows(batch_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+    rows = [list(ids) for ids in batch_ids]
+    if not rows or not rows[0]:
+        raise InputError("record_block_inputs needs at least one non-empty prompt")
+    if any(len(ids) != len(rows[0]) for ids in rows):
+        raise InputError(
+            f"prompts must have the same number of tokens for one batched pass, got {[len(ids) for ids in rows]}: pad them"
+        )
+    return rows
+
+
 def _checked_mask(mask: Sequence[Sequence[int]], rows: list[list[int]]) -> list[list[int]]:
     checked = [[int(bit) for bit in row] for row in mask]
     if len(checked) != len(rows) or any(len(bits) != len(rows[0]) for bits in checked):
@@ -109,3 +127,55 @@ def _checked_mask(mask: Sequence[Sequence[int]], rows: list[list[int]]) -> list[
 
 def _device_of(model: torch.nn.Module):
     return next(model.parameters()).device
+
+
+def record_pairs(
+    model: torch.nn.Module,
+    ids: PairIds,
+    layers: Sequence[int],
+    *,
+    last_tokens: bool,
+    pad_id: int,
+    n_embd: int,
+    batch_size: int,
+    on_batch: Callable[[int], object] | None = None,
+    sinks: SinkCheck | None = None,
+) -> dict[int, np.ndarray]:
+    """Run many pairs through ``model`` in batches of ``batch_size``, both prompts of a pair in one batch.
+
+    ``last_tokens=False`` (every position): every prompt is right-padded with ``pad_id``
+    to the longest prompt of all pairs (pads are real tokens: no mask), and the result is
+    the per-position differences ``positive - negative`` summed over pairs,
+    ``{L: float64 [P, n_embd]}``.
+
+    ``last_tokens=True``: prompts are right-padded within a batch and the padding masked
+    out, so a last token's causal context is never padding; the result is each prompt at
+    its last real token, ``{L: float32 [2 n_pairs, n_embd]}``, pair i's positive prompt at
+    row ``2i`` and its negative at ``2i + 1``.
+
+    ``on_batch(n)`` is called after each batch with its number of pairs; ``sinks`` sees
+    every batch's residuals (padding counted only where it is not masked).
+    """
+    n_positions = max(len(seq) for pair in ids for seq in pair)
+    shape = (2 * len(ids), n_embd) if last_tokens else (n_positions, n_embd)
+    found = {layer: np.zeros(shape, dtype=np.float32 if last_tokens else np.float64) for layer in layers}
+    for start in range(0, len(ids), batch_size):
+        sequences = [seq for pair in ids[start : start + batch_size] for seq in pair]
+        width = max(len(seq) for seq in sequences) if last_tokens else n_positions
+        batch = [seq + [pad_id] * (width - len(seq)) for seq in sequences]
+        mask = [[1] * len(seq) + [0] * (width - len(seq)) for seq in sequences] if last_tokens else None
+        residuals = record_block_inputs(model, batch, layers, attention_mask=mask)
+        for layer in layers:
+            h = residuals[layer]
+            if last_tokens:
+                for row, seq in enumerate(sequences):
+                    found[layer][2 * start + row] = h[row, len(seq) - 1]
+                if sinks is not None:
+                    sinks.add_prompts(layer, h, [len(seq) for seq in sequences])
+            else:
+                found[layer] += (h[0::2] - h[1::2]).astype(np.float64).sum(axis=0)
+                if sinks is not None:
+                    sinks.add_pair_rows(layer, h, batch)
+        if on_batch is not None:
+            on_batch(len(sequences) // 2)
+    return found

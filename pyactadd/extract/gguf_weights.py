@@ -1,14 +1,14 @@
 """Convert a llama-architecture GGUF file to a float32 Hugging Face checkpoint without transformers.
 
-transformers' GGUF loader takes ~35 s for the 135M default model, almost none of it on
-the weights: it parses the file twice with ``gguf.GGUFReader`` (which builds a numpy
-view for every one of the ~100k vocabulary strings), rebuilds gguf's tensor-name map
-once per module of the model, and imports most of itself. For the plain llama
+transformers' GGUF loader is slow even for a small model, and almost none of its time
+goes to the weights: it parses the file twice with ``gguf.GGUFReader`` (which builds a
+numpy view for every vocabulary string), rebuilds gguf's tensor-name map once per
+module of the model, and imports most of itself. For the plain llama
 architecture the conversion is small enough to do directly: read the header once (only
 the scalar metadata; arrays are skipped), dequantize each tensor with the same
 ``gguf.quants.dequantize`` transformers calls, rename it, and undo llama.cpp's Q/K row
 permutation exactly as transformers' ``LlamaTensorProcessor`` does. The result is
-bit-identical to transformers' own conversion (``tests/test_gguf_weights.py`` checks
+bit-identical to transformers' own conversion (``tests/extract/test_gguf_weights.py`` checks
 every tensor and the config), and it is written in the layout ``save_pretrained``
 writes, so both :mod:`pyactadd.extract.llama_lite` and transformers load it.
 
@@ -20,13 +20,14 @@ as biases or ``rope_freqs``, unusual metadata) raise :class:`Unsupported` from
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pyactadd import gguf_header
+from pyactadd.gguf_header import SkippedArray, TensorInfo
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,13 +35,6 @@ if TYPE_CHECKING:
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-
-_MAGIC = b"GGUF"
-_DEFAULT_ALIGNMENT = 32
-
-# GGUF metadata value types (gguf.GGUFValueType), with the struct format of the scalar ones.
-_STRING, _ARRAY = 8, 9
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 # llama.cpp tensor name -> transformers LlamaForCausalLM parameter name.
 _GLOBAL_NAMES = {
@@ -66,29 +60,8 @@ class Unsupported(Exception):
     """The file is not one this module converts exactly as transformers would; use transformers."""
 
 
-@dataclass(frozen=True)
-class _ArrayValue:
-    """A metadata array, kept only as its length: the converter never needs array contents."""
-
-    count: int
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor of a GGUF file: GGUF name, ggml type, dims (ggml order, fastest first), absolute data offset."""
-
-    name: str
-    ggml_type: int
-    dims: tuple[int, ...]
-    offset: int
-
-    @property
-    def n_elements(self) -> int:
-        """Number of values in the tensor."""
-        count = 1
-        for dim in self.dims:
-            count *= dim
-        return count
+# A metadata array, kept only as its length: the converter never needs array contents.
+_ArrayValue = SkippedArray
 
 
 @dataclass
@@ -101,85 +74,31 @@ class ConversionPlan:
 
     @property
     def n_parameters(self) -> int:
-        """Total number of weights (to estimate the conversion time)."""
+        """Total number of weights."""
         return sum(info.n_elements for info in self.tensors)
 
 
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[TensorInfo]]:
     """Read a GGUF file's scalar metadata and its tensor table (no tensor data).
 
-    Arrays are returned as their length only, so the ~100k-entry vocabulary costs a
-    tight loop over string lengths rather than one numpy view per string.
+    The shared, checked reader (:mod:`pyactadd.gguf_header`) with arrays skipped: they are
+    returned as their length only, so the vocabulary costs a walk over string lengths.
 
     Raises:
         Unsupported: not a little-endian GGUF v2/v3 file, or malformed.
     """
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        try:
-            return _parse_header(data)
-        except (struct.error, UnicodeDecodeError, IndexError, ValueError) as exc:
-            raise Unsupported(f"unreadable GGUF header ({exc})") from None
-
-
-def _parse_header(data: mmap.mmap) -> tuple[dict[str, Any], list[TensorInfo]]:
-    if data[:4] != _MAGIC:
-        raise Unsupported("not a GGUF file")
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
-    # Big-endian files show up as a byte-swapped version; v1 used 32-bit counts.
-    if version not in (2, 3):
-        raise Unsupported(f"GGUF version {version}")
-    pos = 24
-
-    def string(at: int) -> tuple[str, int]:
-        (length,) = struct.unpack_from("<Q", data, at)
-        end = at + 8 + length
-        if end > len(data):
-            raise ValueError("string runs past the end of the file")
-        return data[at + 8 : end].decode("utf-8"), end
-
-    def value(kind: int, at: int) -> tuple[Any, int]:
-        if kind == _STRING:
-            return string(at)
-        if kind == _ARRAY:
-            item_kind, count = struct.unpack_from("<IQ", data, at)
-            at += 12
-            if item_kind == _STRING:
-                for _ in range(count):
-                    (length,) = struct.unpack_from("<Q", data, at)
-                    at += 8 + length
-            elif item_kind in _SCALAR_FORMATS:
-                at += count * struct.calcsize(_SCALAR_FORMATS[item_kind])
-            else:  # arrays of arrays: no known model uses them, and their size needs a full walk
-                raise ValueError(f"array of type {item_kind}")
-            return _ArrayValue(count), at
-        fmt = _SCALAR_FORMATS.get(kind)
-        if fmt is None:
-            raise ValueError(f"unknown metadata type {kind}")
-        # Floats come back as Python floats of the stored float32, as transformers reads them.
-        return struct.unpack_from(fmt, data, at)[0], at + struct.calcsize(fmt)
-
-    fields: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key, pos = string(pos)
-        (kind,) = struct.unpack_from("<I", data, pos)
-        fields[key], pos = value(kind, pos + 4)
-
-    raw: list[tuple[str, int, tuple[int, ...], int]] = []
-    for _ in range(n_tensors):
-        name, pos = string(pos)
-        (n_dims,) = struct.unpack_from("<I", data, pos)
-        dims = struct.unpack_from(f"<{n_dims}Q", data, pos + 4)
-        pos += 4 + 8 * n_dims
-        ggml_type, offset = struct.unpack_from("<IQ", data, pos)
-        pos += 12
-        raw.append((name, ggml_type, tuple(dims), offset))
-
-    alignment = fields.get("general.alignment", _DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise ValueError(f"bad general.alignment {alignment!r}")
-    start = -(-pos // alignment) * alignment
-    tensors = [TensorInfo(name, kind, dims, start + offset) for name, kind, dims, offset in raw]
-    return fields, tensors
+    try:
+        header = gguf_header.read_header(path, arrays=False)
+    except gguf_header.NotGGUF:
+        raise Unsupported("not a GGUF file") from None
+    except gguf_header.UnsupportedVersion as exc:
+        raise Unsupported(f"GGUF version {exc.version}") from None
+    except gguf_header.MalformedGGUF as exc:
+        raise Unsupported(f"unreadable GGUF header ({exc})") from None
+    if header.byte_order != "<":
+        raise Unsupported("a big-endian GGUF file")
+    # Floats come back as Python floats of the stored float32, as transformers reads them.
+    return {key: item.value for key, item in header.metadata.items()}, header.tensors
 
 
 def read_plan(path: str | os.PathLike[str]) -> ConversionPlan:
@@ -195,57 +114,93 @@ def read_plan(path: str | os.PathLike[str]) -> ConversionPlan:
     """
     path = Path(path)
     fields, tensors = read_header(path)
+    _check_architecture(fields)
+    sizes = _sizes(fields)
+    _check_tensors(tensors, _expected_shapes(sizes))
+    tied = all(info.name != "output.weight" for info in tensors)
+    return ConversionPlan(path=path, config=_config(fields, sizes, tied=tied), tensors=tensors)
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The llama hyperparameters the tensor shapes and the config follow from."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_vocab: int
+
+
+def _integer(fields: dict[str, Any], key: str, default: int | None = None) -> int:
+    got = fields.get(f"llama.{key}", default)
+    if not isinstance(got, int) or isinstance(got, bool) or got <= 0:
+        raise Unsupported(f"llama.{key} is {got!r}")
+    return got
+
+
+def _number(fields: dict[str, Any], key: str) -> float:
+    got = fields.get(f"llama.{key}")
+    if not isinstance(got, (int, float)) or isinstance(got, bool):
+        raise Unsupported(f"llama.{key} is {got!r}")
+    return float(got)
+
+
+def _check_architecture(fields: dict[str, Any]) -> None:
     if fields.get("general.architecture") != "llama":
         raise Unsupported(f"architecture {fields.get('general.architecture')!r}")
     name = fields.get("general.name")
     # transformers turns some llama-architecture files into model_type "mistral" by name.
     if isinstance(name, str) and "mistral" in name.lower():
         raise Unsupported("a Mistral model (transformers converts it as mistral)")
-
-    def integer(key: str, default: int | None = None) -> int:
-        got = fields.get(f"llama.{key}", default)
-        if not isinstance(got, int) or isinstance(got, bool) or got <= 0:
-            raise Unsupported(f"llama.{key} is {got!r}")
-        return got
-
-    def number(key: str) -> float:
-        got = fields.get(f"llama.{key}")
-        if not isinstance(got, (int, float)) or isinstance(got, bool):
-            raise Unsupported(f"llama.{key} is {got!r}")
-        return float(got)
-
     if fields.get("llama.expert_count", 0):
         raise Unsupported("a mixture-of-experts model")
-    n_layer = integer("block_count")
-    n_embd = integer("embedding_length")
-    n_head = integer("attention.head_count")
+
+
+def _sizes(fields: dict[str, Any]) -> _Sizes:
+    n_layer = _integer(fields, "block_count")
+    n_embd = _integer(fields, "embedding_length")
+    n_head = _integer(fields, "attention.head_count")
     # Without head_count_kv transformers skips the Q/K un-permutation altogether; leave that case to it.
-    n_head_kv = integer("attention.head_count_kv")
-    head_dim = integer("rope.dimension_count", n_embd // n_head)
-    n_ff = integer("feed_forward_length")
+    n_head_kv = _integer(fields, "attention.head_count_kv")
+    head_dim = _integer(fields, "rope.dimension_count", n_embd // n_head)
+    n_ff = _integer(fields, "feed_forward_length")
     tokens = fields.get("tokenizer.ggml.tokens")
-    n_vocab = integer("vocab_size", tokens.count if isinstance(tokens, _ArrayValue) else None)
+    n_vocab = _integer(fields, "vocab_size", tokens.count if isinstance(tokens, SkippedArray) else None)
     if n_head % n_head_kv or head_dim % 2:
         raise Unsupported(f"{n_head} heads, {n_head_kv} KV heads, head_dim {head_dim}")
+    return _Sizes(n_layer, n_embd, n_head, n_head_kv, head_dim, n_ff, n_vocab)
 
+
+def _expected_shapes(sizes: _Sizes) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of the plain llama layout, with its shape (row-major, as transformers holds it)."""
+    n_embd, n_ff, n_vocab = sizes.n_embd, sizes.n_ff, sizes.n_vocab
+    q_rows, kv_rows = sizes.n_head * sizes.head_dim, sizes.n_head_kv * sizes.head_dim
     expected = {
         "token_embd.weight": (n_vocab, n_embd),
         "output_norm.weight": (n_embd,),
         "output.weight": (n_vocab, n_embd),
     }
-    for block in range(n_layer):
+    for block in range(sizes.n_layer):
         for gguf_name, shape in (
             ("attn_norm", (n_embd,)),
-            ("attn_q", (n_head * head_dim, n_embd)),
-            ("attn_k", (n_head_kv * head_dim, n_embd)),
-            ("attn_v", (n_head_kv * head_dim, n_embd)),
-            ("attn_output", (n_embd, n_head * head_dim)),
+            ("attn_q", (q_rows, n_embd)),
+            ("attn_k", (kv_rows, n_embd)),
+            ("attn_v", (kv_rows, n_embd)),
+            ("attn_output", (n_embd, q_rows)),
             ("ffn_norm", (n_embd,)),
             ("ffn_gate", (n_ff, n_embd)),
             ("ffn_up", (n_ff, n_embd)),
             ("ffn_down", (n_embd, n_ff)),
         ):
             expected[f"blk.{block}.{gguf_name}.weight"] = shape
+    return expected
+
+
+def _check_tensors(tensors: list[TensorInfo], expected: dict[str, tuple[int, ...]]) -> None:
+    """Exactly the expected tensors (``output.weight`` optional: a tied head), each of its shape and a type gguf reads."""
     seen = {info.name for info in tensors}
     if len(seen) != len(tensors):
         raise Unsupported("duplicate tensor names")
@@ -261,8 +216,12 @@ def read_plan(path: str | os.PathLike[str]) -> ConversionPlan:
         if info.ggml_type not in supported:
             raise Unsupported(f"tensor {info.name} has ggml type {info.ggml_type}")
 
-    rope_theta = number("rope.freq_base")
+
+def _config(fields: dict[str, Any], sizes: _Sizes, *, tied: bool) -> dict[str, Any]:
+    """The config.json transformers writes for the file, keys sorted."""
+    rope_theta = _number(fields, "rope.freq_base")
     config: dict[str, Any] = {}
+    name = fields.get("general.name")
     if isinstance(name, str):
         config["_model_name_or_path"] = name
     config.update(
@@ -271,27 +230,27 @@ def read_plan(path: str | os.PathLike[str]) -> ConversionPlan:
             "attention_bias": False,
             "attention_dropout": 0.0,
             "dtype": "float32",
-            "head_dim": head_dim,
+            "head_dim": sizes.head_dim,
             "hidden_act": "silu",
-            "hidden_size": n_embd,
+            "hidden_size": sizes.n_embd,
             "initializer_range": 0.02,
-            "intermediate_size": n_ff,
-            "max_position_embeddings": integer("context_length"),
+            "intermediate_size": sizes.n_ff,
+            "max_position_embeddings": _integer(fields, "context_length"),
             "mlp_bias": False,
             "model_type": "llama",
-            "num_attention_heads": n_head,
-            "num_hidden_layers": n_layer,
-            "num_key_value_heads": n_head_kv,
+            "num_attention_heads": sizes.n_head,
+            "num_hidden_layers": sizes.n_layer,
+            "num_key_value_heads": sizes.n_head_kv,
             "pretraining_tp": 1,
-            "rms_norm_eps": number("attention.layer_norm_rms_epsilon"),
+            "rms_norm_eps": _number(fields, "attention.layer_norm_rms_epsilon"),
             "rope_parameters": {"rope_theta": rope_theta, "rope_type": "default"},
             # transformers < 5 reads these two instead of rope_parameters and dtype.
             "rope_theta": rope_theta,
             "torch_dtype": "float32",
             # transformers ties the head to the embedding exactly when the file has no output.weight.
-            "tie_word_embeddings": "output.weight" not in seen,
+            "tie_word_embeddings": tied,
             "use_cache": True,
-            "vocab_size": n_vocab,
+            "vocab_size": sizes.n_vocab,
         }
     )
     # Token ids transformers copies into the config; absent ones keep LlamaConfig's defaults.
@@ -304,7 +263,7 @@ def read_plan(path: str | os.PathLike[str]) -> ConversionPlan:
         token = fields.get(f"tokenizer.ggml.{gguf_key}")
         if isinstance(token, int) and not isinstance(token, bool):
             config[config_key] = token
-    return ConversionPlan(path=path, config=dict(sorted(config.items())), tensors=tensors)
+    return dict(sorted(config.items()))
 
 
 def _dequantizable_types() -> frozenset[int]:

@@ -1,13 +1,13 @@
 """A torch-only forward pass for llama-architecture checkpoints, so warm extraction skips transformers.
 
-Importing transformers and building its model class costs 3-4 s per process, which is
-most of a warm ``pyactadd extract``. Extraction only needs block inputs, so for the plain
+Importing transformers and building its model class is most of a warm ``pyactadd
+extract`` (docs/performance.md). Extraction only needs block inputs, so for the plain
 llama architecture (default RoPE, no biases, SiLU MLP: SmolLM2, Llama, Mistral-style
 checkpoints) this module rebuilds the forward pass from the cached float32 safetensors
 with torch alone. Module names and the block structure mirror transformers'
 ``LlamaForCausalLM`` (``model.layers[i]`` takes the residual stream as its first
 argument), so forward pre-hooks see exactly what they see in transformers;
-``tests/test_llama_lite.py`` checks every hidden state against transformers itself.
+``tests/extract/test_llama_lite.py`` checks every hidden state against transformers itself.
 Anything this class does not reproduce exactly is refused by :func:`supports`, and the
 caller falls back to transformers.
 """
@@ -48,8 +48,8 @@ def _param(weights: dict[str, torch.Tensor], name: str) -> nn.Parameter:
         raise ValueError(f"checkpoint lacks {name}") from None
 
 
-# Modules take their weights at construction: building nn.Linear first would spend
-# seconds on random initialisation (or on importing the meta-device machinery).
+# Modules take their weights at construction: building nn.Linear first would waste time
+# on random initialisation (or on importing the meta-device machinery).
 class _Linear(nn.Module):
     def __init__(self, weights: dict[str, torch.Tensor], prefix: str) -> None:
         super().__init__()

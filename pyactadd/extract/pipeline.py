@@ -1,62 +1,104 @@
-"""ActAdd extraction: a prompt pair -> per-layer, per-position steering rows (the PyTorch stage).
+"""ActAdd extraction: prompt pairs -> per-layer steering rows (the PyTorch stage).
 
-For each layer ``L`` the steering tensor is ``coeff * (h_pos - h_neg)``, where ``h`` is
-the residual stream entering block ``L`` at every prompt position (Turner et al. 2023).
-Both prompts are tokenized exactly as llama.cpp will tokenize at inference, the anchor
-token (if any) is put first in both, and the shorter prompt is right-padded with the pad
-token so both have ``P`` positions. Row ``p`` is meant for prompt position ``p``
-(``alignment="front"``).
+One path for a single pair (:func:`extract`) and for many (:func:`pyactadd.extract.pairs.extract_pairs`):
+
+1. :func:`prepare`: check the layers against the model's metadata and tokenize every
+   prompt exactly as llama.cpp will at inference, the anchor token (if any) first (no
+   torch yet);
+2. :func:`load_model`: the PyTorch model, checked against the same metadata;
+3. record the residual stream entering each chosen block the way the method reads it
+   (:mod:`pyactadd.extract.activations`), with the norms :mod:`pyactadd.extract.sinks` needs;
+4. aggregate with the method (:data:`pyactadd.extract.methods.METHODS`), multiply by the
+   coefficient, zero the chosen rows, warn about attention-sink rows;
+5. :func:`steering_vector`: the :class:`~pyactadd.vector.value.SteeringVector`.
+
+For a single pair the rows are ``coeff * (h_pos - h_neg)`` at every prompt position
+(Turner et al. 2023): the shorter prompt is right-padded with the pad token so both have
+``P`` positions, and row ``p`` is meant for prompt position ``p`` (``alignment="front"``).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import numbers
+import contextlib
 import os
-import warnings
+import sys
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
 from pyactadd.default_model import resolve_model
 from pyactadd.errors import InputError
-from pyactadd.vector.layers import check_layer
+from pyactadd.extract.activations import record_block_inputs, record_pairs
+from pyactadd.extract.methods import LAST_TOKENS, METHODS, POSITIONS, Method
+from pyactadd.extract.options import checked_coeff, checked_layers, checked_prompt, checked_rows
+from pyactadd.extract.sinks import REFERENCE_TEXT, SINK_RATIO, SinkCheck, SinkRowWarning, warn_rows
+from pyactadd.extract.torch_model import load_torch_model, model_n_embd, model_n_layer
+from pyactadd.prompts.pairs import Pair
 from pyactadd.prompts.tokens import Tokenizer, apply_anchor, fingerprint_of, resolve_anchor
-from pyactadd.vector.value import SteeringVector
+from pyactadd.vector.layers import check_layer
+from pyactadd.vector.value import ModelFingerprint, SteeringVector
 
-SINK_RATIO = 10.0
-"""A row is an outlier when its norm exceeds this many times the typical residual norm at its block."""
+if TYPE_CHECKING:
+    import torch
 
-REFERENCE_TEXT = "The quick brown fox jumps over the lazy dog, and then it runs back into the quiet forest."
-"""Ordinary text run alongside the prompts so short prompts still have a typical residual norm to compare with."""
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "REFERENCE_TEXT",
+    "SINK_RATIO",
+    "Prepared",
+    "SinkRowWarning",
+    "Steered",
+    "extract",
+    "load_model",
+    "prepare",
+    "progress_bar",
+    "record",
+    "run_method",
+    "steering_vector",
+]
 
+DEFAULT_BATCH_SIZE = 8
+"""Pairs per forward pass."""
 
-class SinkRowWarning(UserWarning):
-    """A steering row sits on an attention-sink position and would mostly add the sink's huge activation."""
+@dataclass(frozen=True)
+class Prepared:
+    """Prompts tokenized as llama.cpp will tokenize them, and the model they are for (no torch yet)."""
+
+    pairs: list[Pair]
+    layers: list[int]  # sorted, each valid for the model
+    model_path: Path
+    fingerprint: ModelFingerprint
+    tokenizer: Tokenizer
+    pad_id: int
+    anchor: str  # as given: "none", "bos" or a token's text
+    anchor_id: int | None
+    ids: list[tuple[list[int], list[int]]]  # (positive, negative) of each pair, anchor first, unpadded
+
+    @property
+    def n_positions(self) -> int:
+        """The longest prompt's length: the number of per-position rows."""
+        return max(len(seq) for pair in self.ids for seq in pair)
 
 
 @dataclass(frozen=True)
-class _Outlier:
-    layer: int
-    position: int
-    norm: float  # the larger of the two prompts' residual norms, or the difference's norm if that is larger
-    what: str  # "residual" or "difference"
-    typical: float
+class Steered:
+    """What :func:`run_method` made: the rows and what the file's ``extra`` will say about them."""
+
+    rows: dict[int, np.ndarray]  # coefficient applied, chosen rows zeroed
+    metadata: dict[str, object]  # the method's own keys
+    zeroed: dict[int, list[int]]  # positions set to zero, for the layers that have any
 
 
-def prepare_model(layers, model, pad: str, anchor: str | None):
+def prepare(pairs: Sequence[Pair], layers: int | Sequence[int], model, pad: str, anchor: str) -> Prepared:
     """Everything extraction needs before PyTorch loads, checked against the model's metadata.
 
-    Returns ``(layers, model_path, fingerprint, tokenizer, pad_id, anchor_id)``: the layer
-    list (each valid for the model), the resolved model file, its fingerprint, the
-    llama.cpp-equivalent tokenizer, and the pad and anchor token ids (anchor None: none).
-
     Raises:
-        InputError: a layer out of range, a pad text that is not one token, an unknown anchor.
+        InputError: a layer out of range, a pad text that is not one token, an unknown
+            anchor, or a missing model.
     """
-    wanted = _as_layer_list(layers)
+    wanted = checked_layers(layers)
     model_path = resolve_model(model)
     tokenizer = Tokenizer.from_model(model_path)
     fingerprint = fingerprint_of(model_path)
@@ -65,7 +107,121 @@ def prepare_model(layers, model, pad: str, anchor: str | None):
             check_layer(layer, fingerprint.n_layer)
     pad_id = tokenizer.single_token(pad, "pad")
     anchor_id = resolve_anchor(tokenizer, anchor)
-    return wanted, model_path, fingerprint, tokenizer, pad_id, anchor_id
+    ids = [
+        (apply_anchor(tokenizer.encode(p.positive), anchor_id), apply_anchor(tokenizer.encode(p.negative), anchor_id))
+        for p in pairs
+    ]
+    return Prepared(list(pairs), wanted, model_path, fingerprint, tokenizer, pad_id, anchor, anchor_id, ids)
+
+
+def load_model(prepared: Prepared, *, progress: bool = False) -> torch.nn.Module:
+    """The PyTorch model ``prepared`` is for, checked against the file's own sizes.
+
+    Extraction's one way to a model: the pipeline records from whatever this returns.
+
+    Raises:
+        InputError: a layer the loaded model lacks, or sizes other than the metadata's.
+    """
+    model = load_torch_model(prepared.model_path, progress=progress)
+    n_layer, n_embd = model_n_layer(model), model_n_embd(model)
+    for layer in prepared.layers:
+        check_layer(layer, n_layer)
+    fingerprint = prepared.fingerprint
+    if n_embd != fingerprint.n_embd or n_layer != (fingerprint.n_layer or n_layer):
+        raise InputError(
+            f"the PyTorch model of {prepared.model_path.name} has n_embd {n_embd} and {n_layer} blocks "
+            f"but its metadata says {fingerprint.describe()}: this model is not supported for extraction"
+        )
+    return model
+
+
+def run_method(
+    prepared: Prepared,
+    method: Method,
+    *,
+    coeff: float,
+    center: bool = False,
+    zero_rows: Sequence[int] = (),
+    zero_outliers: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = False,
+    bar: bool = False,
+    stacklevel: int = 2,
+) -> Steered:
+    """Load the model, record what ``method`` reads, aggregate, zero rows and warn about sinks.
+
+    Arguments are checked already (:mod:`pyactadd.extract.options`). ``progress``: the
+    model's conversion message; ``bar``: a progress bar over the pairs. ``stacklevel`` is
+    what the caller would pass to :func:`warnings.warn` for a :class:`SinkRowWarning`.
+    """
+    model = load_model(prepared, progress=progress)
+    reference_ids = apply_anchor(prepared.tokenizer.encode(REFERENCE_TEXT), prepared.anchor_id)
+    sinks = SinkCheck(record_block_inputs(model, [reference_ids], prepared.layers))
+    with progress_bar(len(prepared.ids), method.name, bar) as update:
+        recorded = record(model, prepared, method.reads, batch_size=batch_size, on_batch=update, sinks=sinks)
+    rows, explained = _aggregate(method, recorded, len(prepared.ids), coeff, center)
+    metadata = method.metadata(center, explained)
+    if method.reads != POSITIONS:
+        for layer in prepared.layers:
+            sinks.check_last_tokens(layer, recorded[layer], prepared.ids)
+        sinks.warn_last_tokens(prepared.tokenizer, prepared.anchor_id, stacklevel=stacklevel + 1)
+        return Steered(rows, metadata, {})
+    zeroed = _zero_rows(prepared, rows, sinks, zero_rows, zero_outliers, stacklevel=stacklevel + 1)
+    return Steered(rows, metadata, zeroed)
+
+
+def record(
+    model: torch.nn.Module,
+    prepared: Prepared,
+    reads: str,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_batch: Callable[[int], object] | None = None,
+    sinks: SinkCheck | None = None,
+) -> dict[int, np.ndarray]:
+    """The prepared pairs' activations at every chosen layer, read as ``reads`` says (see
+    :func:`pyactadd.extract.activations.record_pairs`)."""
+    return record_pairs(
+        model,
+        prepared.ids,
+        prepared.layers,
+        last_tokens=reads == LAST_TOKENS,
+        pad_id=prepared.pad_id,
+        n_embd=prepared.fingerprint.n_embd,
+        batch_size=batch_size,
+        on_batch=on_batch,
+        sinks=sinks,
+    )
+
+
+def steering_vector(
+    prepared: Prepared, method: Method, steered: Steered, coeff: float, *, name_method: bool = True
+) -> SteeringVector:
+    """The steering vector of one run; ``name_method`` records the method and pair count in ``extra``.
+
+    With a single pair the prompts are kept, and for per-position rows their token ids
+    and the pad token too.
+    """
+    extra: dict[str, object] = {"method": method.name, "n_pairs": len(prepared.ids)} if name_method else {}
+    extra.update(steered.metadata)
+    single = prepared.pairs[0] if len(prepared.pairs) == 1 else None
+    per_position = method.reads == POSITIONS
+    return SteeringVector(
+        layers={layer: np.ascontiguousarray(rows, dtype=np.float32) for layer, rows in steered.rows.items()},
+        fingerprint=prepared.fingerprint,
+        alignment=method.alignment,
+        coefficient=coeff,
+        positive=single.positive if single else None,
+        negative=single.negative if single else None,
+        positive_ids=prepared.ids[0][0] if single and per_position else None,
+        negative_ids=prepared.ids[0][1] if single and per_position else None,
+        anchor=prepared.anchor,
+        anchor_id=prepared.anchor_id,
+        pad_id=prepared.pad_id if per_position else None,
+        model_hint=prepared.fingerprint.architecture,
+        extra=extra,
+        zeroed_rows=dict(steered.zeroed),
+    )
 
 
 def extract(
@@ -110,178 +266,64 @@ def extract(
         InputError: an empty prompt, a layer out of range, a non-finite ``coeff``, a pad
             or anchor that is not one token, a zero row out of range, or a missing model.
     """
-    from pyactadd.extract.activations import record_block_inputs
-    from pyactadd.extract.torch_model import load_torch_model, model_n_embd, model_n_layer
+    coeff = checked_coeff(coeff)
+    pair = Pair(checked_prompt("positive", positive), checked_prompt("negative", negative))
+    prepared = prepare([pair], layers, model, pad, anchor)
+    rows = checked_rows(zero_rows, prepared.n_positions)
+    actadd = METHODS["actadd"]
+    steered = run_method(prepared, actadd, coeff=coeff, zero_rows=rows, zero_outliers=zero_outliers, progress=progress)
+    return steering_vector(prepared, actadd, steered, coeff, name_method=False)
 
-    # Cheap checks first: loading the torch model can take a minute.
-    coeff = _checked_coeff(coeff)
-    for name, text in (("positive", positive), ("negative", negative)):
-        if not isinstance(text, str):
-            raise InputError(f"{name} prompt must be text, got {type(text).__name__}")
-        if not text:
-            raise InputError(f"empty {name} prompt: give a non-empty text")
-    wanted, model_path, fingerprint, tokenizer, pad_id, anchor_id = prepare_model(layers, model, pad, anchor)
-    positive_ids = apply_anchor(tokenizer.encode(positive), anchor_id)
-    negative_ids = apply_anchor(tokenizer.encode(negative), anchor_id)
-    n_positions = max(len(positive_ids), len(negative_ids))
-    rows_to_zero = _checked_rows(zero_rows, n_positions)
 
-    torch_model = load_torch_model(model_path, progress=progress)
-    n_layer = model_n_layer(torch_model)
-    for layer in wanted:
-        check_layer(layer, n_layer)
-    if model_n_embd(torch_model) != fingerprint.n_embd or n_layer != (fingerprint.n_layer or n_layer):
-        raise InputError(
-            f"transformers loaded {model_path.name} with n_embd {model_n_embd(torch_model)} and {n_layer} blocks "
-            f"but its metadata says {fingerprint.describe()}: this model is not supported for extraction"
-        )
+def _aggregate(
+    method: Method, recorded: dict[int, np.ndarray], n_pairs: int, coeff: float, center: bool
+) -> tuple[dict[int, np.ndarray], dict[int, float]]:
+    """``coeff`` times the method's rows for every layer, and the explained fractions it reports."""
+    rows, explained = {}, {}
+    for layer, data in recorded.items():
+        try:
+            found, fraction = method.aggregate(data, n_pairs, center)
+        except InputError as exc:
+            raise InputError(f"layer {layer}: {exc}") from None
+        rows[layer] = np.float32(coeff) * found
+        if fraction is not None:
+            explained[layer] = fraction
+    return rows, explained
 
-    batch = [_right_pad(positive_ids, n_positions, pad_id), _right_pad(negative_ids, n_positions, pad_id)]
-    residuals = record_block_inputs(torch_model, batch, wanted)
-    reference_ids = apply_anchor(tokenizer.encode(REFERENCE_TEXT), anchor_id)
-    reference = record_block_inputs(torch_model, [reference_ids], wanted)
 
-    steering: dict[int, np.ndarray] = {}
-    outliers: list[_Outlier] = []
-    for layer in wanted:
-        h_pos, h_neg = residuals[layer][0], residuals[layer][1]
-        difference = h_pos - h_neg
-        steering[layer] = np.ascontiguousarray(np.float32(coeff) * difference, dtype=np.float32)
-        outliers += _find_outliers(layer, h_pos, h_neg, difference, reference[layer][0], batch)
-
-    zeroed: dict[int, set[int]] = {layer: set(rows_to_zero) for layer in wanted}
+def _zero_rows(
+    prepared: Prepared,
+    rows: dict[int, np.ndarray],
+    sinks: SinkCheck,
+    chosen: Sequence[int],
+    zero_outliers: bool,
+    *,
+    stacklevel: int,
+) -> dict[int, list[int]]:
+    """Zero the ``chosen`` per-position rows (and the outliers with ``zero_outliers``); warn about the other outliers."""
+    outliers = sinks.row_outliers()
+    zeroed = {layer: set(chosen) for layer in prepared.layers}
     if zero_outliers:
         for outlier in outliers:
             zeroed[outlier.layer].add(outlier.position)
-    for layer, rows in zeroed.items():
-        if rows:
-            steering[layer][sorted(rows)] = 0.0
-    _warn_about(
-        [o for o in outliers if o.position not in zeroed[o.layer]], batch, tokenizer, anchor_id, stacklevel=3
-    )
-
-    extra: dict[str, object] = {}
-    if any(zeroed.values()):
-        extra["zeroed_rows"] = json.dumps({str(layer): sorted(rows) for layer, rows in zeroed.items() if rows})
-    return SteeringVector(
-        layers=steering,
-        fingerprint=fingerprint,
-        alignment="front",
-        coefficient=coeff,
-        positive=positive,
-        negative=negative,
-        positive_ids=positive_ids,
-        negative_ids=negative_ids,
-        anchor=anchor,
-        anchor_id=anchor_id,
-        pad_id=pad_id,
-        model_hint=fingerprint.architecture,
-        extra=extra,
-    )
+    for layer, positions in zeroed.items():
+        if positions:
+            rows[layer][sorted(positions)] = 0.0
+    warned = [o for o in outliers if o.position not in zeroed[o.layer]]
+    warn_rows(warned, prepared.tokenizer, prepared.anchor_id, n_pairs=len(prepared.ids), stacklevel=stacklevel + 1)
+    return {layer: sorted(positions) for layer, positions in zeroed.items() if positions}
 
 
-def _checked_coeff(coeff: object) -> float:
-    if isinstance(coeff, bool) or not isinstance(coeff, numbers.Real) or not math.isfinite(float(coeff)):
-        raise InputError(f"coefficient must be a finite number, got {coeff!r}")
-    return float(coeff)
+@contextlib.contextmanager
+def progress_bar(total: int, what: str, enabled: bool) -> Iterator[Callable[[int], object] | None]:
+    """Yield ``update(n)`` of a progress bar over ``total`` pairs on stderr, or None when not ``enabled``."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
 
-
-def _as_layer_list(layers: int | Sequence[int]) -> list[int]:
-    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
-        return [int(layers)]
-    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-        raise InputError(f"layers must be an integer or a list of integers, got {layers!r}")
-    items = list(layers)  # type: ignore[arg-type]
-    if not items:
-        raise InputError("no layers given: pass at least one block-input layer, e.g. layers=6")
-    checked = []
-    for item in items:
-        if isinstance(item, numbers.Integral) and not isinstance(item, bool):
-            checked.append(int(item))
-        else:
-            raise InputError(f"layer must be an integer, got {item!r}")
-    return sorted(set(checked))
-
-
-def _checked_rows(rows: Sequence[int], n_positions: int) -> list[int]:
-    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
-        raise InputError(f"zero_rows must be a list of positions, got {rows!r}")
-    checked = []
-    for row in rows:
-        if isinstance(row, bool) or not isinstance(row, numbers.Integral):
-            raise InputError(f"zero row must be an integer position, got {row!r}")
-        if not 0 <= row < n_positions:
-            raise InputError(
-                f"zero row {row} is out of range: the prompts have {n_positions} positions (0 to {n_positions - 1})"
-            )
-        checked.append(int(row))
-    return sorted(set(checked))
-
-
-def _right_pad(ids: list[int], length: int, pad_id: int) -> list[int]:
-    return ids + [pad_id] * (length - len(ids))
-
-
-def _find_outliers(
-    layer: int,
-    h_pos: np.ndarray,
-    h_neg: np.ndarray,
-    difference: np.ndarray,
-    h_reference: np.ndarray,
-    batch: list[list[int]],
-) -> list[_Outlier]:
-    """Rows whose prompt residual or difference is far above the block's typical residual norm.
-
-    The typical norm is the median residual norm over every position except 0 of both
-    prompts and the reference text: position 0 (the anchor, or the first token) is an
-    attention sink in nearly every model, and the median shrugs off the few other sinks.
-    """
-    pos_norms = np.linalg.norm(h_pos.astype(np.float64), axis=1)
-    neg_norms = np.linalg.norm(h_neg.astype(np.float64), axis=1)
-    diff_norms = np.linalg.norm(difference.astype(np.float64), axis=1)
-    ref_norms = np.linalg.norm(h_reference.astype(np.float64), axis=1)
-    typical = float(np.median(np.concatenate([pos_norms[1:], neg_norms[1:], ref_norms[1:]])))
-    outliers = []
-    for position in range(h_pos.shape[0]):
-        # Identical token prefixes give identical residuals: the row is zero, nothing to warn about.
-        if batch[0][: position + 1] == batch[1][: position + 1]:
-            continue
-        residual = max(pos_norms[position], neg_norms[position])
-        norm, what = (residual, "residual") if residual >= diff_norms[position] else (diff_norms[position], "difference")
-        if norm > SINK_RATIO * typical:
-            outliers.append(_Outlier(layer, position, float(norm), what, typical))
-    return outliers
-
-
-def _warn_about(
-    outliers: list[_Outlier], batch: list[list[int]], tokenizer: Tokenizer, anchor_id: int | None, stacklevel: int
-) -> None:
-    by_layer: dict[int, list[_Outlier]] = {}
-    for outlier in outliers:
-        by_layer.setdefault(outlier.layer, []).append(outlier)
-    for layer, found in by_layer.items():
-        where = ", ".join(
-            f"position {o.position} ({o.what} norm {o.norm:.0f}, {o.norm / o.typical:.0f}x the typical {o.typical:.0f})"
-            for o in found
-        )
-        reasons = sorted({_sink_reason(o.position, batch, tokenizer, anchor_id) for o in found})
-        fixes = []
-        if any(o.position == 0 for o in found) and anchor_id is None and tokenizer.bos_id is not None:
-            bos_text = tokenizer.decode([tokenizer.bos_id])
-            fixes.append(f"pass anchor={bos_text!r} (--anchor {bos_text!r}) so both prompts start with the same token")
-        fixes.append("zero_outliers=True (--zero-outliers) to zero these rows")
-        warnings.warn(
-            f"layer {layer}: steering row at {where} is an outlier: {'; '.join(reasons)}, so the row mostly "
-            f"carries the sink's huge activation rather than the prompts' difference; {', or '.join(fixes)}",
-            SinkRowWarning,
-            stacklevel=stacklevel,
-        )
-
-
-def _sink_reason(position: int, batch: list[list[int]], tokenizer: Tokenizer, anchor_id: int | None) -> str:
-    if position == 0 and anchor_id is None and not tokenizer.adds_bos:
-        return "position 0 without a BOS token is an attention sink"
-    texts = {tokenizer.decode([ids[position]]) for ids in batch}
-    if any(text.strip() == "" for text in texts):
-        return f"position {position} holds a lone whitespace token, which acts as an attention sink"
-    return f"position {position} looks like an attention sink"
+    bar = tqdm(total=total, unit="pair", desc=f"{what}: forward passes", file=sys.stderr, leave=False)
+    try:
+        yield bar.update
+    finally:
+        bar.close()

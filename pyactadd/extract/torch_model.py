@@ -1,12 +1,12 @@
 """Loading a model into PyTorch for extraction, with a cache of GGUF models converted to float32.
 
 transformers can read a GGUF file directly, but it dequantizes every tensor and rebuilds
-the tokenizer and config in Python, which takes 20-60 s even for a small model. Plain
-llama files (the default model among them) are converted by :mod:`pyactadd.extract.gguf_weights`
-instead, bit-identically and in a few seconds; other architectures go through
-transformers. Either way the first load of a GGUF file saves the converted weights as a
-Hugging Face model directory (safetensors, float32) under ``<cache>/torch/<sha256[:16]>/``;
-later loads read that directory in well under a second. ``<cache>`` is
+the tokenizer and config in Python, which is slow even for a small model. Plain llama
+files (the default model among them) are converted by :mod:`pyactadd.extract.gguf_weights`
+instead, bit-identically and much faster; other architectures go through transformers.
+Either way the first load of a GGUF file saves the converted weights as a Hugging Face
+model directory (safetensors, float32) under :func:`cache_entry` (``<cache>/torch/<sha256[:16]>/``),
+which later loads read instead (docs/performance.md has the timings). ``<cache>`` is
 ``$PYACTADD_CACHE_DIR``, else ``$XDG_CACHE_HOME/pyactadd``, else ``~/.cache/pyactadd``.
 
 torch and transformers are imported inside the functions so ``import pyactadd`` stays fast.
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from pyactadd.errors import InputError
+from pyactadd.files import atomic_write_text
 
 if TYPE_CHECKING:
     import torch
@@ -40,12 +41,6 @@ CACHE_ENV = "PYACTADD_CACHE_DIR"
 _INDEX_FILE = "gguf-index.json"
 _DONE_FILE = "pyactadd-converted.json"  # written last inside the temp dir: its presence marks a complete entry
 _KEY_HEX = 16
-
-# Shown in the one-line 'Converting...' message.
-_TRANSFORMERS_ESTIMATE = "~30 s"
-# Parameters per second of the direct conversion (dequantize, copy, write safetensors):
-# the default 135M-parameter Q4_1 model took ~4 s on a busy 2-core machine.
-_DIRECT_RATE = 35e6
 
 _lock = threading.Lock()
 _last_loaded: tuple[tuple[str, int, int], object] | None = None
@@ -155,9 +150,7 @@ def _load_cached(entry: Path) -> torch.nn.Module:
 
 
 def _load_gguf(path: Path, stat: os.stat_result, *, progress: bool) -> torch.nn.Module:
-    root = cache_root()
-    key = _gguf_key(root, path, stat)
-    entry = root / "torch" / key
+    entry = cache_entry(path, stat=stat)
     if (entry / _DONE_FILE).is_file():
         try:
             return _load_cached(entry)
@@ -166,12 +159,7 @@ def _load_gguf(path: Path, stat: os.stat_result, *, progress: bool) -> torch.nn.
     _discard(entry)
     plan = _direct_plan(path)
     if progress:
-        estimate = _TRANSFORMERS_ESTIMATE if plan is None else _direct_estimate(plan)
-        print(
-            f"Converting GGUF to PyTorch weights (once per model, {estimate}; cached in {entry})",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"Converting GGUF to PyTorch weights (once per model; cached in {entry})", file=sys.stderr, flush=True)
     if plan is not None:
         from pyactadd.extract import llama_lite  # imports torch: after the message, which should come at once
 
@@ -185,10 +173,6 @@ def _load_gguf(path: Path, stat: os.stat_result, *, progress: bool) -> torch.nn.
         # The cache is an optimisation: a read-only or full disk must not stop extraction.
         logger.warning("could not cache converted weights in %s: %s", entry, exc)
     return model
-
-
-def _direct_estimate(plan: ConversionPlan) -> str:
-    return f"~{max(1, round(plan.n_parameters / _DIRECT_RATE))} s"
 
 
 def _direct_plan(path: Path) -> ConversionPlan | None:
@@ -286,8 +270,25 @@ def _discard(entry: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _gguf_key(root: Path, path: Path, stat: os.stat_result) -> str:
-    """First 16 hex digits of the file's sha256, remembered by (path, size, mtime) to hash each file once."""
+def cache_entry(model_path: str | os.PathLike[str], *, root: Path | None = None, stat: os.stat_result | None = None) -> Path:
+    """The cache directory that holds (or will hold) the converted weights of a GGUF file.
+
+    ``root`` defaults to :func:`cache_root`. The directory is complete when
+    :func:`load_torch_model` has converted the file; it holds ``config.json`` and
+    ``model.safetensors`` as ``save_pretrained`` writes them.
+    """
+    path = Path(model_path).resolve()
+    root = cache_root() if root is None else root
+    return root / "torch" / cache_key(path, root=root, stat=stat)
+
+
+def cache_key(path: Path, *, root: Path | None = None, stat: os.stat_result | None = None) -> str:
+    """First 16 hex digits of the file's sha256, remembered by (path, size, mtime) to hash each file once.
+
+    The index lives in ``root`` (default :func:`cache_root`); ``stat`` is the file's, when known.
+    """
+    root = cache_root() if root is None else root
+    stat = path.stat() if stat is None else stat
     index_path = root / _INDEX_FILE
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -307,11 +308,9 @@ def _gguf_key(root: Path, path: Path, stat: os.stat_result) -> str:
     index[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
     try:
         root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{_INDEX_FILE}.", dir=root)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(index, handle, indent=1, sort_keys=True)
-        os.replace(tmp, index_path)
-    except OSError as exc:
+        atomic_write_text(index_path, json.dumps(index, indent=1, sort_keys=True), error=InputError)
+    except (OSError, InputError) as exc:
+        # The index only saves hashing again: a read-only cache must not stop extraction.
         logger.warning("could not update %s: %s", index_path, exc)
     return digest[:_KEY_HEX]
 

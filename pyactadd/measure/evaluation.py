@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 
 from pyactadd.errors import InputError
 from pyactadd.measure.perplexity import DEFAULT_N_CTX, BatchScorer, Perplexity, scoring_model
+from pyactadd.prompts.files import read_sentences
 from pyactadd.runtime.steering import Alignment, parse_alignment
 from pyactadd.vector.value import SteeringVector
 
@@ -32,6 +32,10 @@ DEFAULT_PROMPT = "I went up to my friend and said"
 """The paper's prompt for the wedding vector."""
 
 DEFAULT_TOP = 10
+"""Rows of each next-token table."""
+
+DEFAULT_ON_SET, DEFAULT_OFF_SET = "weddings.txt", "shipping.txt"
+"""The shipped on-target and off-target text sets ``eval`` and ``sweep`` score by default."""
 
 
 def shipped_text(name: str) -> Path:
@@ -44,6 +48,16 @@ def shipped_text(name: str) -> Path:
     if not resource.is_file():
         raise InputError(f"pyactadd ships no text set named {name!r}: use weddings.txt or shipping.txt")
     return Path(str(resource))
+
+
+def text_set(path: str | os.PathLike[str] | None, default: str, *, what: str = "text file") -> tuple[Path, list[str]]:
+    """``(path, sentences)`` of a text set: the file at ``path``, or the shipped set ``default``.
+
+    Raises:
+        InputError: see :func:`~pyactadd.prompts.files.read_sentences` and :func:`shipped_text`.
+    """
+    path = Path(path) if path is not None else shipped_text(default)
+    return path, read_sentences(path, what=what)
 
 
 @dataclass(frozen=True)
@@ -85,8 +99,8 @@ def make_scorer(
     ``fast=False`` (exact): the model file as is, every sentence in its own
     ``llama_decode``, so each logit equals llama-cpp-python's own for that sentence.
     ``fast=True``: a float32 copy of a quantized model and many sentences per decode,
-    what ``pyactadd sweep`` uses (about 5x faster on the default model; see
-    :func:`pyactadd.measure.perplexity.float32_copy` for how the numbers differ).
+    what ``pyactadd sweep`` uses (faster; see :func:`pyactadd.measure.perplexity.float32_copy`
+    for how the numbers differ).
     """
     from pyactadd.default_model import resolve_model
 
@@ -123,20 +137,9 @@ def anchor_for(vectors: Sequence[tuple[SteeringVector, float]]) -> int | None:
 
 def warn_about_sinks(scorer: BatchScorer, vectors: Sequence[tuple[SteeringVector, float]], anchor_id: int | None) -> None:
     """Warn when a vector's row 0 will land on each sentence's own first token, an attention sink."""
-    from pyactadd.extract.pipeline import SinkRowWarning
+    from pyactadd.extract.sinks import warn_row0_on_sink
 
-    if anchor_id is not None or scorer.adds_bos:
-        return
-    for vector, coeff in vectors:
-        if vector.alignment == "front" and coeff != 0 and any(np.any(rows[0] != 0) for rows in vector.layers.values()):
-            warnings.warn(
-                "the vector has no anchor and a non-zero row 0, which lands on each sentence's first token: this model "
-                "adds no BOS, so that position is an attention sink and the row mostly disturbs it; extract with "
-                "--anchor bos (or --zero-row 0)",
-                SinkRowWarning,
-                stacklevel=3,
-            )
-            return
+    warn_row0_on_sink(vectors, anchor_id, scorer.adds_bos, stacklevel=3)
 
 
 def perplexity_pair(
@@ -192,9 +195,8 @@ def next_token_shift(
     kl_terms = p_s * (steered - unsteered)
 
     def entry(token_id: int) -> dict:
-        text = scorer.llama.detokenize([token_id], special=True).decode("utf-8", errors="replace")
         return {
-            "token": text,
+            "token": scorer.detokenize([token_id]),
             "id": token_id,
             "p_unsteered": float(p_u[token_id]),
             "p_steered": float(p_s[token_id]),
@@ -250,11 +252,7 @@ def evaluate(
         ModelMismatchError: a vector made for another model.
     """
     vectors = list(vectors)
-    if not vectors:
-        raise InputError("no steering vector: pass at least one --steer FILE")
-    for name, sentences in (("on-target", on), ("off-target", off)):
-        if not sentences:
-            raise InputError(f"the {name} set is empty: give at least one sentence")
+    _check_inputs(vectors, on, off)
     chosen = eval_alignment(vectors, align)
     anchor_id = anchor_for(vectors)
     if scorer is None:
@@ -274,3 +272,11 @@ def evaluate(
             on_step("next-token")
         result["next_token"] = next_token_shift(scorer, prompt, vectors, anchor_id=anchor_id, align=chosen, top=top)
     return result
+
+
+def _check_inputs(vectors: Sequence[tuple[SteeringVector, float]], on: Sequence[str], off: Sequence[str]) -> None:
+    if not vectors:
+        raise InputError("no steering vector: pass at least one --steer FILE")
+    for name, sentences in (("on-target", on), ("off-target", off)):
+        if not sentences:
+            raise InputError(f"the {name} set is empty: give at least one sentence")

@@ -37,16 +37,15 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from pyactadd.errors import EngineError, InputError
-from pyactadd.native import llama_cpp_module
+from pyactadd.files import atomic_write
+from pyactadd.native import default_threads, llama_cpp_module
 
 DEFAULT_N_CTX = 1024
 """KV cache size and the most tokens one ``llama_decode`` takes: the longest sentence that can be scored."""
 
 DEFAULT_BATCH_TOKENS = 256
 """Tokens packed into one ``llama_decode``. Every token of a decode attends (masked) to every
-KV cell the decode uses, so larger decodes waste attention work: measured on SmolLM2-135M
-(float32, one thread, 1,158 tokens of sentences) 6.6 s of CPU at 256, 7.7 s at 512 and
-9.3 s at 1,024 tokens per decode."""
+KV cell the decode uses, so larger decodes waste attention work (docs/performance.md)."""
 
 F32_COPY_MAX_FILE_BYTES = 512 * 1024 * 1024
 """``compute="auto"`` expands a quantized model to float32 only up to this file size (about 4 GB as float32)."""
@@ -54,38 +53,7 @@ F32_COPY_MAX_FILE_BYTES = 512 * 1024 * 1024
 _UNQUANTIZED_FILE_TYPES = frozenset({0, 1, 32})  # general.file_type: all F32, mostly F16, mostly BF16
 
 _LSE_ROWS = 32
-"""Rows of logits per log-sum-exp block: 32 x 49,152 floats (6 MB) stays in cache, ~2.5x faster than one pass."""
-
-
-def read_sentences(path: str | os.PathLike[str], *, what: str = "text file") -> list[str]:
-    """Read a text set: UTF-8, one sentence a line; blank lines are skipped.
-
-    Raises:
-        InputError: the file is missing, unreadable, not UTF-8, or holds no sentence.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"no such {what}: {path}") from None
-    except IsADirectoryError:
-        raise InputError(f"{path} is a directory: pass a text file with one sentence a line") from None
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise InputError(
-            f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line} cannot be decoded; "
-            "save the file as UTF-8"
-        ) from None
-    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark some editors write
-    sentences = [line.strip() for line in text.splitlines()]
-    sentences = [line for line in sentences if line]
-    if not sentences:
-        raise InputError(f"{path} is empty: put one sentence a line")
-    return sentences
+"""Rows of logits per log-sum-exp block: small enough for a block to stay in the CPU cache (docs/performance.md)."""
 
 
 @dataclass(frozen=True)
@@ -145,10 +113,10 @@ def float32_copy(model_path: str | os.PathLike[str]) -> Path:
 
     Dequantizing is exact (each weight becomes the float32 value the quantized block
     stands for); what changes is the arithmetic: llama.cpp multiplies quantized weights
-    with activations quantized to 8 bits, float32 weights with float32 activations. On
-    the default model the float32 copy scores sentences 2.6x faster on a CPU, and its
-    perplexity of the shipped wedding sentences is 1.6 % above the Q4_1 file's (the
-    8-bit activation rounding); steered/unsteered ratios move far less.
+    with activations quantized to 8 bits, float32 weights with float32 activations. The
+    float32 copy scores faster on a CPU and its perplexities differ slightly from the
+    quantized file's (the 8-bit activation rounding); steered/unsteered ratios move far
+    less (docs/performance.md has the numbers).
 
     The copy lives in ``<cache>/gguf-f32/`` (see :func:`pyactadd.extract.torch_model.cache_root`),
     keyed by the model's path, size and modification time.
@@ -168,22 +136,20 @@ def float32_copy(model_path: str | os.PathLike[str]) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     params = lc.llama_model_quantize_default_params()
     params.ftype = lc.LLAMA_FTYPE_ALL_F32
     params.allow_requantize = True
-    params.nthread = max(1, min(os.cpu_count() or 1, 8))
+    params.nthread = default_threads()
     from llama_cpp._logger import set_verbose
 
     set_verbose(False)  # llama.cpp logs every tensor it converts
-    try:
-        rc = lc.llama_model_quantize(str(path).encode(), str(tmp).encode(), params)
+
+    def expand(temp: Path) -> None:
+        rc = lc.llama_model_quantize(str(path).encode(), str(temp).encode(), params)
         if rc != 0:
             raise InputError(f"llama.cpp could not expand {path.name} to float32 (code {rc}): use compute='model'")
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+
+    atomic_write(target, expand, error=InputError)
     return target
 
 
@@ -249,6 +215,42 @@ def _free_batches(raws: list) -> None:
     raws.clear()
 
 
+def _load_llama(path: Path, n_ctx: int, threads: int):
+    """A ``llama_cpp.Llama`` of ``path`` whose own context is a placeholder (see :func:`_multi_sequence_params`)."""
+    try:
+        # A small n_batch here: the Llama allocates n_batch x n_vocab floats of scores
+        # that BatchScorer never uses. The context that matters is made by Steering.
+        return llama_cpp_module().Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=min(n_ctx, 64),
+            n_ubatch=min(n_ctx, 64),
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"llama.cpp cannot load {path}: {exc}; is it a GGUF model file?") from None
+
+
+def _multi_sequence_params(llama, n_ctx: int, max_sequences: int, batch_tokens: int):
+    """Put the multi-sequence settings into ``llama.context_params`` and return them.
+
+    Steering re-creates the Llama's context from ``llama.context_params`` with the engine
+    as cb_eval, so these settings must be in place before ``Steering.of``.
+    """
+    lc = llama_cpp_module()
+    params = llama.context_params
+    params.n_batch = n_ctx
+    params.n_ubatch = min(n_ctx, max(batch_tokens, 64))
+    params.n_seq_max = max(1, min(int(max_sequences), int(lc.llama_max_parallel_sequences())))
+    params.kv_unified = True  # one KV buffer: any mix of sequence lengths fits n_ctx
+    # No flash attention (llama-cpp-python's default too): on the quantized default model it
+    # moves single tokens' NLL noticeably against the default path.
+    params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    return params
+
+
 class BatchScorer:
     """A llama.cpp context for scoring many sequences per ``llama_decode``, with a steering engine.
 
@@ -258,7 +260,7 @@ class BatchScorer:
         n_threads: CPU threads (default: all cores, at most 8).
         max_sequences: sequences per decode (capped by ``llama_max_parallel_sequences()``);
             1 decodes every sequence on its own, bit-identical to llama-cpp-python's own
-            ``Llama.eval`` of that sequence (measured: 0.0 difference in every logit).
+            ``Llama.eval`` of that sequence.
         batch_tokens: tokens packed per decode (a longer sequence gets a decode of its own).
 
     ``self.steering`` is the :class:`~pyactadd.runtime.steering.Steering` of the underlying Llama:
@@ -285,31 +287,8 @@ class BatchScorer:
             raise InputError(f"n_ctx must be an integer of at least 16, got {n_ctx!r}")
         if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
             raise InputError(f"batch_tokens must be a positive integer, got {batch_tokens!r}")
-        threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
-        try:
-            # A small n_batch here: the Llama allocates n_batch x n_vocab floats of scores
-            # that this class never uses. The context that matters is made below.
-            llama = lc.Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_batch=min(n_ctx, 64),
-                n_ubatch=min(n_ctx, 64),
-                n_threads=threads,
-                n_threads_batch=threads,
-                verbose=False,
-            )
-        except (ValueError, RuntimeError) as exc:
-            raise InputError(f"llama.cpp cannot load {path}: {exc}; is it a GGUF model file?") from None
-        # Steering re-creates the Llama's context from llama.context_params with the engine
-        # as cb_eval, so the multi-sequence settings go into those params first.
-        params = llama.context_params
-        params.n_batch = n_ctx
-        params.n_ubatch = min(n_ctx, max(batch_tokens, 64))
-        params.n_seq_max = max(1, min(int(max_sequences), int(lc.llama_max_parallel_sequences())))
-        params.kv_unified = True  # one KV buffer: any mix of sequence lengths fits n_ctx
-        # No flash attention (llama-cpp-python's default too): on the Q4_1 default model it
-        # moved single tokens' NLL by up to 2.8 nats against the default path, measured.
-        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        llama = _load_llama(path, n_ctx, n_threads or default_threads())
+        params = _multi_sequence_params(llama, n_ctx, max_sequences, batch_tokens)
         self.llama = llama
         self.steering = Steering.of(llama)
         self.model_path = path
@@ -342,6 +321,10 @@ class BatchScorer:
         ids = self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
         return apply_anchor(ids, anchor_id)
 
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """The text of token ids, special tokens included as text (invalid UTF-8 replaced)."""
+        return self.llama.detokenize([int(t) for t in ids], special=True).decode("utf-8", errors="replace")
+
     def sentence_ids(self, sentences: Sequence[str], *, anchor_id: int | None, source: str = "text") -> list[list[int]]:
         """Tokenize sentences for scoring and check that each fits the context.
 
@@ -372,8 +355,6 @@ class BatchScorer:
         * when every sequence of a decode starts with the same token (the anchor), that
           token is decoded once, as a member of all their sequences (llama.cpp's shared
           prefix), and its logits row serves all of them.
-
-        On the shipped sets the two save 2 of 15.4 tokens per sentence, 13 % of a sweep's work.
         """
         if outputs is None:
             lengths = [len(ids) - 1 for ids in sequences]

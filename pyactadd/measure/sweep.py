@@ -38,16 +38,15 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pyactadd.errors import InputError
-from pyactadd.vector.layers import check_layer
+from pyactadd.files import atomic_write_text
 from pyactadd.native import llama_cpp_module
+from pyactadd.vector.layers import check_layer
 from pyactadd.measure.perplexity import BatchScorer, Perplexity, Plan, logsumexp_rows
 from pyactadd.vector.value import SteeringVector
 
 DEFAULT_COEFFS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
-"""Six coefficients, doubling. On the default model the " weddings" - " " rows (anchored by
-``<|endoftext|>``) have norms of 220-340 from block 12 on, against a typical residual norm
-of 150-250: measured, c = 0.25 at layer 20 lowers wedding perplexity 8 % with shipping
-perplexity flat, c = 0.5 already raises shipping perplexity 8-12 %, c = 1 by 60-70 %."""
+"""Six coefficients, doubling, around the scale where a prompt-pair difference row is as large
+as a typical residual row (c = 1); the measurements behind the range are in docs/performance.md."""
 
 DEFAULT_BUDGET = 0.05
 """Largest allowed rise of off-target perplexity (5 %)."""
@@ -55,9 +54,8 @@ DEFAULT_BUDGET = 0.05
 PRUNE_FACTOR = 1.0
 """With pruning, larger coefficients of the same sign at a layer are skipped once a cell's
 off-target ratio exceeds ``1 + PRUNE_FACTOR * budget``: they cannot be recommended, since
-off-target perplexity only grows with the coefficient from there (measured: on every one of
-the 29 layers of the default model's full " weddings" grid, once a cell left a 5 % budget
-each larger coefficient raised off-target perplexity further). Skips 99 of the 174 cells there."""
+off-target perplexity only grows with the coefficient from there (observed on every layer of
+the default model's full grid; docs/performance.md has how many cells it skips)."""
 
 DEFAULT_PROMPTS = (
     "I went up to my friend and said",
@@ -233,8 +231,7 @@ def recommend(cells: Sequence[Cell], budget: float, token_counts: np.ndarray | N
     standard error of the paired difference (the same sentences under both cells, from
     ``on_deltas`` and ``token_counts``; without them no tie is assumed), and among the tied
     cells the lowest off-target ratio wins; then the larger gain, the smaller coefficient,
-    the lower layer. Measured on the default model's full grid: layers 13 and 20 at c = 0.25
-    lowered wedding perplexity by 7.2 % and 7.1 %, with shipping perplexity +3.8 % and -0.2 %.
+    the lower layer.
     """
     candidates = [c for c in cells if c.within(budget) and c.on_ratio is not None and c.on_ratio < 1.0]
     if not candidates:
@@ -302,7 +299,7 @@ def default_targets(
     if positive:
         negative_ids = set(scorer.tokenize(negative, add_bos=False)) if negative else set()
         for token in scorer.tokenize(positive, add_bos=False):
-            if token not in negative_ids and _is_word(_text(scorer, token)) and token not in targets:
+            if token not in negative_ids and _is_word(scorer.detokenize([token])) and token not in targets:
                 targets.append(token)
     on_counts: dict[int, int] = {}
     off_seen: set[int] = set()
@@ -312,7 +309,7 @@ def default_targets(
         for token in scorer.tokenize(sentence, add_bos=False):
             on_counts[token] = on_counts.get(token, 0) + 1
     ranked = sorted(
-        (token for token, count in on_counts.items() if count >= 2 and token not in off_seen and _is_word(_text(scorer, token))),
+        (token for token, count in on_counts.items() if count >= 2 and token not in off_seen and _is_word(scorer.detokenize([token]))),
         key=lambda token: (-on_counts[token], token),
     )
     for token in ranked:
@@ -338,10 +335,6 @@ def targets_from_words(scorer: BatchScorer, words: Sequence[str]) -> list[int]:
     if not targets:
         raise InputError("no target words given: pass words such as --targets 'wedding,bride,marriage'")
     return targets
-
-
-def _text(scorer: BatchScorer, token: int) -> str:
-    return scorer.llama.detokenize([token], special=True).decode("utf-8", errors="replace")
 
 
 def _is_word(text: str) -> bool:
@@ -393,6 +386,8 @@ class Meter:
     ) -> None:
         self.scorer = scorer
         self.anchor_id = anchor_id
+        self.prompts = list(prompts)
+        self.score_positions = score_positions
         self.targets = np.asarray(list(targets), dtype=np.int64)
         self.splits: dict[str, _SetPlan] = {}
         for name, (on, off) in (("tune", tune), ("holdout", holdout)):
@@ -418,6 +413,11 @@ class Meter:
         self.prompt_plan = scorer.plan(self.prompt_sequences, outputs)
         self.baseline = {name: self._perplexities(name) for name in self.splits}
         self.baseline_target_logprob = self._target_logprobs()
+
+    def token_counts(self, split: str = "tune") -> np.ndarray:
+        """Scored tokens of each on-target sentence of ``split`` that has one (the weights of :func:`paired_se`)."""
+        nlls = self.baseline[split]["on_nlls"]
+        return sentence_deltas(nlls, nlls)[1]
 
     def _perplexities(self, split: str) -> dict:
         on, off = self.splits[split].sentence_nlls(self.scorer)
@@ -454,6 +454,7 @@ class Meter:
         return result
 
     def close(self) -> None:
+        """Free the packed batches."""
         for split in self.splits.values():
             split.plan.close()
         self.prompt_plan.close()
@@ -506,15 +507,13 @@ class SweepResult:
                 "nothing to write; try other layers, smaller coefficients or a larger --budget"
             )
         base = self.base_vector
-        extra = {k: v for k, v in base.extra.items() if k != "zeroed_rows"}
-        zeroed = json.loads(str(base.extra.get("zeroed_rows", "{}")))
-        if str(cell.layer) in zeroed:
-            extra["zeroed_rows"] = json.dumps({str(cell.layer): zeroed[str(cell.layer)]})
+        extra = dict(base.extra)
+        zeroed = {cell.layer: base.zeroed_rows[cell.layer]} if cell.layer in base.zeroed_rows else {}
         extra["sweep_budget"] = float(self.budget)
         if cell.on_ratio is not None:
             extra["sweep_on_ratio"] = float(cell.on_ratio)
             extra["sweep_off_ratio"] = float(cell.off_ratio)
-        single = dataclasses.replace(base, layers={cell.layer: base.layers[cell.layer]}, extra=extra)
+        single = dataclasses.replace(base, layers={cell.layer: base.layers[cell.layer]}, extra=extra, zeroed_rows=zeroed)
         return single * cell.coeff
 
     def as_dict(self) -> dict:
@@ -543,35 +542,39 @@ class SweepResult:
         }
 
     def write(self, out_dir: str | os.PathLike[str]) -> None:
-        """Write ``sweep.json`` and ``sweep.csv`` to ``out_dir``, each atomically."""
+        """Write ``sweep.json`` and ``sweep.csv`` to ``out_dir``, each atomically.
+
+        Raises:
+            InputError: a file cannot be written.
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / JSON_NAME, json.dumps(self.as_dict(), indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(out / JSON_NAME, json.dumps(self.as_dict(), indent=2, ensure_ascii=False) + "\n", error=InputError)
+        atomic_write_text(out / CSV_NAME, self.csv_text(), error=InputError)
+
+    def csv_text(self) -> str:
+        """What ``sweep.csv`` holds: a header of :data:`CSV_COLUMNS`, then one row per cell."""
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for cell in self.cells:
             row = cell.as_dict(self.budget)
             writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_COLUMNS})
-        _atomic_write(out / CSV_NAME, buffer.getvalue())
+        return buffer.getvalue()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``.
+def grid_order(layers: Sequence[int], coeffs: Sequence[float]) -> list[Cell]:
+    """The grid's cells in the order they are measured.
 
-    A reader (or a Ctrl-C) never sees a half-written file: it sees the old one or the new one.
+    Layer by layer; within a layer, coefficients by growing magnitude, each sign apart, so
+    that pruning can skip the larger ones.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    return [
+        Cell(layer, coeff)
+        for layer in layers
+        for sign in (1, -1)
+        for coeff in sorted((c for c in coeffs if np.sign(c) == sign), key=abs)
+    ]
 
 
 def run_sweep(
@@ -621,6 +624,39 @@ def run_sweep(
         InputError: bad settings (layers not in ``base``, a back-aligned vector, empty sets).
     """
     started = time.perf_counter()
+    layers, coeffs = _checked_grid(base, scorer, layers, coeffs, budget)
+    tune, held = _split(on, off, holdout)
+    if targets is None:
+        targets = default_targets(scorer, *tune, positive=base.positive, negative=base.negative)
+    from pyactadd.measure.evaluation import warn_about_sinks
+
+    warn_about_sinks(scorer, [(base, 1.0)], base.anchor_id)
+    result = SweepResult(cells=grid_order(layers, coeffs), budget=budget, base_vector=base, info=dict(info or {}))
+    run = _Run(scorer, result, out_dir, on_cell, decode_start=scorer.decode_seconds)
+    try:
+        run.meter = Meter(
+            scorer, anchor_id=base.anchor_id, tune=tune, holdout=held, prompts=prompts, targets=targets,
+            score_positions=score_positions, sources=sources,
+        )
+        result.info.update(_run_info(run.meter, layers=layers, coeffs=coeffs, prune=prune, holdout=holdout))
+        result.on_token_counts = run.meter.token_counts("tune")
+        result.timing["baseline_seconds"] = time.perf_counter() - started
+        run.save()
+        run.grid(prune)
+        run.check_recommended(n_controls, seed)
+        result.complete = True
+    except KeyboardInterrupt:
+        scorer.steering.clear()
+        result.complete = False
+    finally:
+        run.finish(time.perf_counter() - started)
+    return result
+
+
+def _checked_grid(
+    base: SteeringVector, scorer: BatchScorer, layers: Sequence[int] | None, coeffs: Sequence[float], budget: float
+) -> tuple[list[int], list[float]]:
+    """The layers and coefficients to sweep, once ``base``, the model and the budget are known to fit."""
     if base.alignment == "back":
         raise InputError("the sweep adds rows from the front of every sentence: use a front-aligned vector")
     layers = list(layers) if layers is not None else base.layer_ids
@@ -631,138 +667,135 @@ def run_sweep(
     base.check_fits(scorer.fingerprint)
     if not 0 <= budget <= 10:
         raise InputError(f"budget must be a fraction between 0 and 10, got {budget}")
+    return layers, coeffs
 
+
+def _split(on: Sequence[str], off: Sequence[str], holdout: bool) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
+    """((tuning on, tuning off), (held-out on, held-out off)), see :func:`split_sentences`."""
     tune_on, hold_on = split_sentences(on, holdout)
     tune_off, hold_off = split_sentences(off, holdout)
     if holdout and (not hold_on or not hold_off):
         raise InputError("holding out half the sentences needs at least 2 on-target and 2 off-target sentences")
-    if targets is None:
-        targets = default_targets(scorer, tune_on, tune_off, positive=base.positive, negative=base.negative)
-    anchor_id = base.anchor_id
-    from pyactadd.measure.evaluation import warn_about_sinks
+    return (tune_on, tune_off), (hold_on, hold_off)
 
-    warn_about_sinks(scorer, [(base, 1.0)], anchor_id)
 
-    # Layer-major order; within a layer, coefficients by growing magnitude, each sign apart,
-    # so pruning can skip the larger ones.
-    order: list[Cell] = []
-    for layer in layers:
-        for sign in (1, -1):
-            for coeff in sorted((c for c in coeffs if np.sign(c) == sign), key=abs):
-                order.append(Cell(layer, coeff))
-    result = SweepResult(cells=order, budget=budget, base_vector=base, info=dict(info or {}))
+def _run_info(meter: Meter, *, layers: list[int], coeffs: list[float], prune: bool, holdout: bool) -> dict:
+    """What ``sweep.json`` records about the run's settings, splits, steering score and baseline."""
+    scorer = meter.scorer
+
+    def count(split: str, part: int) -> int:
+        plan = meter.splits.get(split)
+        return 0 if plan is None else (plan.n_on if part == 0 else len(plan.sequences) - plan.n_on)
+
+    return {
+        "anchor_id": meter.anchor_id,
+        "layers": layers,
+        "coeffs": coeffs,
+        "prune": prune,
+        "split": {
+            "choose_on": "even-numbered lines (1st, 3rd, ...)" if holdout else "all lines",
+            "held_out": "odd-numbered lines (2nd, 4th, ...)" if holdout else None,
+            "n_on_tune": count("tune", 0),
+            "n_off_tune": count("tune", 1),
+            "n_on_holdout": count("holdout", 0),
+            "n_off_holdout": count("holdout", 1),
+        },
+        "score": {
+            "prompts": list(meter.prompts),
+            "positions": meter.score_positions,
+            "targets": [{"id": int(t), "token": scorer.detokenize([t])} for t in meter.targets],
+            "unsteered_continuations": [scorer.detokenize(c) for c in meter.continuations],
+        },
+        "baseline": {
+            split: {key: numbers[key].as_dict() for key in ("on", "off")} for split, numbers in meter.baseline.items()
+        },
+    }
+
+
+@dataclass
+class _Run:
+    """One sweep in progress: the scorer, the result being filled, where it is written."""
+
+    scorer: BatchScorer
+    result: SweepResult
+    out_dir: str | os.PathLike[str] | None
+    on_cell: Callable[[Cell, SweepResult], None] | None
+    decode_start: float = 0.0
     meter: Meter | None = None
-    decode_start = scorer.decode_seconds
-    try:
-        meter = Meter(
-            scorer,
-            anchor_id=anchor_id,
-            tune=(tune_on, tune_off),
-            holdout=(hold_on, hold_off),
-            prompts=prompts,
-            targets=targets,
-            score_positions=score_positions,
-            sources=sources,
-        )
-        result.info.update({
-            "anchor_id": anchor_id,
-            "layers": layers,
-            "coeffs": coeffs,
-            "prune": prune,
-            "split": {
-                "choose_on": "even-numbered lines (1st, 3rd, ...)" if holdout else "all lines",
-                "held_out": "odd-numbered lines (2nd, 4th, ...)" if holdout else None,
-                "n_on_tune": len(tune_on),
-                "n_off_tune": len(tune_off),
-                "n_on_holdout": len(hold_on),
-                "n_off_holdout": len(hold_off),
-            },
-            "score": {
-                "prompts": list(prompts),
-                "positions": score_positions,
-                "targets": [{"id": int(t), "token": _text(scorer, int(t))} for t in targets],
-                "unsteered_continuations": [_detok(scorer, c) for c in meter.continuations],
-            },
-            "baseline": {
-                split: {key: numbers[key].as_dict() for key in ("on", "off")}
-                for split, numbers in meter.baseline.items()
-            },
-        })
-        result.on_token_counts = sentence_deltas(meter.baseline["tune"]["on_nlls"], meter.baseline["tune"]["on_nlls"])[1]
-        result.timing["baseline_seconds"] = time.perf_counter() - started
-        if out_dir is not None:
-            result.write(out_dir)
 
-        vectors = {layer: _one_layer(base, layer) for layer in layers}
+    def save(self) -> None:
+        if self.out_dir is not None:
+            self.result.write(self.out_dir)
+
+    def measured(self, vector: SteeringVector, coeff: float, split: str, *, score: bool = True) -> dict:
+        """The meter's numbers on ``split`` with ``vector`` x ``coeff`` in force (cleared afterwards)."""
+        self.scorer.steering.set([(vector, coeff)], align="front")
+        try:
+            return self.meter.measure(split, score=score)
+        finally:
+            self.scorer.steering.clear()
+
+    def grid(self, prune: bool) -> None:
+        """Measure every cell in order, skipping the ones pruning rules out; save after each."""
+        base, budget = self.result.base_vector, self.result.budget
+        vectors = {layer: _one_layer(base, layer) for layer in {c.layer for c in self.result.cells}}
         skip_from: dict[tuple[int, int], float] = {}  # (layer, sign) -> |coeff| from which cells are skipped
-        for cell in order:
+        for cell in self.result.cells:
             sign = int(np.sign(cell.coeff))
             limit = skip_from.get((cell.layer, sign))
             if limit is not None and abs(cell.coeff) >= limit:
                 cell.status = "skipped"
             else:
-                t0, d0 = time.perf_counter(), scorer.decode_seconds
-                scorer.steering.set([(vectors[cell.layer], cell.coeff)], align="front")
-                try:
-                    numbers = meter.measure("tune")
-                finally:
-                    scorer.steering.clear()
-                for key, value in numbers.items():
+                t0, d0 = time.perf_counter(), self.scorer.decode_seconds
+                for key, value in self.measured(vectors[cell.layer], cell.coeff, "tune").items():
                     setattr(cell, key, value)
                 cell.status = "ok"
                 cell.seconds = time.perf_counter() - t0
-                cell.decode_seconds = scorer.decode_seconds - d0
+                cell.decode_seconds = self.scorer.decode_seconds - d0
                 if prune and cell.off_ratio > 1.0 + PRUNE_FACTOR * budget:
                     skip_from[(cell.layer, sign)] = abs(cell.coeff) * (1 + 1e-9)
-            if out_dir is not None:
-                result.write(out_dir)
-            if on_cell is not None:
-                on_cell(cell, result)
+            self.save()
+            if self.on_cell is not None:
+                self.on_cell(cell, self.result)
 
-        result.recommended = recommend(order, budget, result.on_token_counts)
-        if result.recommended is not None:
-            cell = result.recommended
-            vector = vectors[cell.layer]
-            split = "holdout" if "holdout" in meter.splits else "tune"
-            if split == "holdout":
-                scorer.steering.set([(vector, cell.coeff)], align="front")
-                try:
-                    result.holdout = meter.measure("holdout", score=False)
-                    result.holdout.pop("on_deltas")
-                finally:
-                    scorer.steering.clear()
-            rng = np.random.default_rng(seed)
-            for k in range(n_controls):
-                control = _one_layer(base, cell.layer, rows=norm_matched_random(base.layers[cell.layer], rng))
-                scorer.steering.set([(control, cell.coeff)], align="front")
-                try:
-                    numbers = meter.measure(split)
-                finally:
-                    scorer.steering.clear()
-                numbers.pop("on_deltas")
-                result.controls.append({"seed": seed, "index": k, "split": split, **numbers})
-        result.complete = True
-    except KeyboardInterrupt:
-        scorer.steering.clear()
-        result.complete = False
-    finally:
-        if meter is not None:
-            meter.close()
-        evaluated = [c for c in order if c.status == "ok"]
-        total = time.perf_counter() - started
-        result.timing.update(
+    def check_recommended(self, n_controls: int, seed: int) -> None:
+        """Recommend a cell; measure it on the held-out split and ``n_controls`` norm-matched random vectors there."""
+        result = self.result
+        result.recommended = cell = recommend(result.cells, result.budget, result.on_token_counts)
+        if cell is None:
+            return
+        base = result.base_vector
+        split = "holdout" if "holdout" in self.meter.splits else "tune"
+        if split == "holdout":
+            result.holdout = self.measured(_one_layer(base, cell.layer), cell.coeff, split, score=False)
+            result.holdout.pop("on_deltas")
+        rng = np.random.default_rng(seed)
+        for k in range(n_controls):
+            control = _one_layer(base, cell.layer, rows=norm_matched_random(base.layers[cell.layer], rng))
+            numbers = self.measured(control, cell.coeff, split)
+            numbers.pop("on_deltas")
+            result.controls.append({"seed": seed, "index": k, "split": split, **numbers})
+
+    def finish(self, seconds: float) -> None:
+        """Free the meter, record the timing and save, whether the sweep finished or not."""
+        if self.meter is not None:
+            self.meter.close()
+        evaluated = [c for c in self.result.cells if c.status == "ok"]
+
+        def mean(key: str) -> float | None:
+            return float(np.mean([getattr(c, key) for c in evaluated])) if evaluated else None
+
+        self.result.timing.update(
             {
-                "seconds": total,
+                "seconds": seconds,
                 "cells_evaluated": len(evaluated),
-                "cells_skipped": sum(c.status == "skipped" for c in order),
-                "seconds_per_cell": float(np.mean([c.seconds for c in evaluated])) if evaluated else None,
-                "decode_seconds_per_cell": float(np.mean([c.decode_seconds for c in evaluated])) if evaluated else None,
-                "decode_seconds": scorer.decode_seconds - decode_start,
+                "cells_skipped": sum(c.status == "skipped" for c in self.result.cells),
+                "seconds_per_cell": mean("seconds"),
+                "decode_seconds_per_cell": mean("decode_seconds"),
+                "decode_seconds": self.scorer.decode_seconds - self.decode_start,
             }
         )
-        if out_dir is not None:
-            result.write(out_dir)
-    return result
+        self.save()
 
 
 def _one_layer(base: SteeringVector, layer: int, rows: np.ndarray | None = None) -> SteeringVector:
@@ -775,10 +808,6 @@ def _one_layer(base: SteeringVector, layer: int, rows: np.ndarray | None = None)
     )
 
 
-def _detok(scorer: BatchScorer, ids: Sequence[int]) -> str:
-    return scorer.llama.detokenize(list(ids), special=True).decode("utf-8", errors="replace")
-
-
 def default_anchor(model: str | os.PathLike[str] | None = None) -> str:
     """The anchor ``anchor="auto"`` stands for: the token a document starts after in pretraining.
 
@@ -789,12 +818,10 @@ def default_anchor(model: str | os.PathLike[str] | None = None) -> str:
     * otherwise ``"bos"`` if there is one, else ``"none"``.
 
     Not the BOS of a chat model that adds none: SmolLM2's BOS is ``<|im_start|>``, after
-    which the model expects a chat role. Measured on the shipped sets with that anchor, the
-    second token of every sentence costs 13.8 nats on average, and any vector added at
-    position 1, random ones included, lowers perplexity by "fixing" that (a norm-matched
-    random vector at layer 20, c = 2 lowered shipping perplexity 16 %). After
-    ``<|endoftext|>`` the unsteered perplexity of the same sentences is 2.5x lower and a random
-    vector raises it, as in the paper.
+    which the model expects a chat role. With that anchor the second token of every sentence
+    is very unlikely, and any vector added at position 1, random ones included, lowers
+    perplexity by "fixing" that. After ``<|endoftext|>`` the unsteered perplexity of the same
+    sentences is far lower and a random vector raises it, as in the paper.
     """
     from pyactadd.default_model import resolve_model
     from pyactadd.prompts.tokens import Tokenizer
@@ -808,7 +835,7 @@ def default_anchor(model: str | os.PathLike[str] | None = None) -> str:
         eot = int(lc.llama_vocab_eot(lc.llama_model_get_vocab(vocab.model)))
         if eot >= 0 and eot != tokenizer.bos_id:
             text = tokenizer.decode([eot])
-            if tokenizer._encode(text, False) == [eot]:
+            if text and tokenizer.encode(text, add_special=False) == [eot]:
                 return text
     return "bos" if tokenizer.bos_id is not None else "none"
 
@@ -847,3 +874,77 @@ def sweep_vector(
         zero_outliers=zero_outliers,
         progress=True,
     )
+
+
+def sweep_base(
+    model: str | os.PathLike[str],
+    *,
+    vector_file: str | os.PathLike[str] | None = None,
+    positive: str | None = None,
+    negative: str | None = None,
+    layers: str | None = None,
+    anchor: str = "auto",
+    pad: str = " ",
+    zero_outliers: bool = True,
+    on_extract: Callable[[list[int]], None] | None = None,
+) -> tuple[SteeringVector, list[int]]:
+    """The vector a sweep scales and the layers it sweeps.
+
+    With ``vector_file``: that file (checked against ``model``) and the layers of ``layers``
+    (:func:`parse_layers`), or all of the file's. Otherwise :func:`sweep_vector` of
+    ``positive - negative`` at the layers of ``layers`` (default: every valid one), after
+    ``on_extract(layers)`` is called (to say that a slow extraction starts).
+
+    Raises:
+        InputError: a bad layer spec, or neither a file nor a prompt pair.
+        ModelMismatchError: the file was made for another model.
+    """
+    from pyactadd.prompts.tokens import fingerprint_of
+
+    fingerprint = fingerprint_of(model)
+    if vector_file is not None:
+        base = SteeringVector.load(vector_file)
+        base.check_fits(fingerprint)
+        return base, parse_layers(layers, fingerprint.n_layer) if layers else base.layer_ids
+    if positive is None or negative is None:
+        raise InputError("give --positive and --negative, or --vector FILE")
+    chosen = parse_layers(layers, fingerprint.n_layer)
+    if on_extract is not None:
+        on_extract(chosen)
+    return sweep_vector(positive, negative, chosen, model=model, anchor=anchor, pad=pad, zero_outliers=zero_outliers), chosen
+
+
+def sweep_info(
+    base: SteeringVector,
+    *,
+    model: str | os.PathLike[str],
+    scored_with: str | os.PathLike[str],
+    on_file: str | os.PathLike[str],
+    off_file: str | os.PathLike[str],
+    vector_file: str | os.PathLike[str] | None = None,
+) -> dict:
+    """The ``info`` of :func:`run_sweep` that ``pyactadd sweep`` records: model, files and the swept vector."""
+    return {
+        "model": str(model),
+        "scored_with": str(scored_with),
+        "compute": "model" if Path(scored_with) == Path(model) else "f32",
+        "on_file": str(on_file),
+        "off_file": str(off_file),
+        "vector": {
+            "positive": base.positive,
+            "negative": base.negative,
+            "file": str(vector_file) if vector_file else None,
+            "anchor": base.anchor,
+            "anchor_id": base.anchor_id,
+            "positive_ids": base.positive_ids,
+            "negative_ids": base.negative_ids,
+            "n_positions": base.n_positions,
+            "zeroed_rows": _zeroed_rows(base),
+            "row_norms": {str(layer): [round(float(x), 3) for x in norms] for layer, norms in base.row_norms().items()},
+        },
+    }
+
+
+def _zeroed_rows(vector: SteeringVector) -> dict[str, list[int]]:
+    """The rows extraction zeroed as attention sinks, by layer (string keys, as JSON writes them)."""
+    return {str(layer): rows for layer, rows in vector.zeroed_rows.items()}

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from pyactadd.errors import InputError
-from pyactadd.native import llama_cpp_module
-from pyactadd.runtime.steering import Alignment, Steering
-from pyactadd.vector.value import SteeringVector
+from pyactadd.native import default_threads, llama_cpp_module
+from pyactadd.prompts.chat import chat_ids, user_turn
+from pyactadd.prompts.tokens import apply_anchor
+from pyactadd.runtime.steering import Alignment, SteerItem, Steering, steer_items
 
 if TYPE_CHECKING:
     from pyactadd.runtime.rpc import Placement
@@ -63,7 +64,7 @@ def load_llama(
         n_ctx=n_ctx,
         n_batch=n_batch,
         n_ubatch=n_batch,
-        n_threads=n_threads or max(1, min(os.cpu_count() or 1, 8)),
+        n_threads=n_threads or default_threads(),
         verbose=False,
     )
     placed = contextlib.nullcontext({})
@@ -80,37 +81,19 @@ def load_llama(
     return llama
 
 
-def chat_prompt(llama, user_text: str) -> str:
-    """Wrap ``user_text`` in the model's own chat template as a single user turn."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    template = llama.metadata.get("tokenizer.chat_template")
-    if not template:
-        raise InputError("this model has no chat template in its GGUF: drop --chat")
-    special = lambda token_id: llama.detokenize([token_id], special=True).decode("utf-8", "replace")  # noqa: E731
-    formatter = Jinja2ChatFormatter(
-        template=template, eos_token=special(llama.token_eos()), bos_token=special(llama.token_bos())
-    )
-    return formatter(messages=[{"role": "user", "content": user_text}]).prompt
-
-
 def prompt_tokens(llama, prompt: str, *, chat: bool = False, anchor_id: int | None = None) -> list[int]:
     """The token ids llama.cpp evaluates for ``prompt`` (chat template and anchor applied)."""
-    from pyactadd.prompts.tokens import apply_anchor
-
     if not prompt or not prompt.strip():
         raise InputError("empty prompt: give a non-empty text")
     if chat:
-        # The template writes its own BOS text where the model wants one.
-        ids = llama.tokenize(chat_prompt(llama, prompt).encode("utf-8"), add_bos=False, special=True)
-    else:
-        ids = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        return chat_ids(llama, user_turn(prompt), anchor_id=anchor_id)
+    ids = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
     return apply_anchor(ids, anchor_id)
 
 
-def common_anchor(vectors: Sequence[tuple[SteeringVector, float]]) -> int | None:
+def common_anchor(vectors: Sequence[SteerItem]) -> int | None:
     """The anchor token all ``vectors`` were extracted with (None when none uses one)."""
-    anchors = {v.anchor_id for v, _ in vectors if v.anchor_id is not None}
+    anchors = {v.anchor_id for v, _, _ in steer_items(vectors) if v.anchor_id is not None}
     if len(anchors) > 1:
         raise InputError(f"the steering vectors use different anchor tokens {sorted(anchors)}: extract them with one --anchor")
     return anchors.pop() if anchors else None
@@ -151,7 +134,7 @@ def complete(llama, ids: Sequence[int], sampling: Sampling, *, on_text: Callable
 def run(
     llama,
     prompt: str,
-    vectors: Sequence[tuple[SteeringVector, float]],
+    vectors: Sequence[SteerItem],
     sampling: Sampling,
     *,
     align: Alignment | None = None,
@@ -160,6 +143,9 @@ def run(
     on_text: Callable[[str], None] | None = None,
 ) -> dict:
     """Run the steered completion (and the unsteered one first when ``compare``) of one prompt.
+
+    ``vectors`` are ``(vector, coeff)`` or ``(vector, coeff, align)`` items, each placed by
+    its own alignment (the item's, else the file's) unless ``align`` overrides them all.
 
     Returns a dict with ``prompt_tokens``, ``steered`` and, with ``compare``, ``unsteered``.
     """

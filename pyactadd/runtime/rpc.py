@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import signal
 import socket
 import struct
 import threading
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 from pyactadd.errors import InputError, InstallError
-from pyactadd.native import llama_cpp_module
+from pyactadd.native import default_threads, llama_cpp_module, llama_cpp_python_pin
 
 _DEVICE_TYPE_CPU = 0  # enum ggml_backend_dev_type
 _DEVICE_TYPE_GPU = 1
@@ -181,7 +182,10 @@ def _ggml() -> _Ggml:
     add = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server")
     start = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_start_server")
     if not add or not start:
-        raise InstallError("ggml's RPC backend lacks ggml_backend_rpc_add_server/start_server: reinstall llama-cpp-python==0.3.36")
+        raise InstallError(
+            "ggml's RPC backend lacks ggml_backend_rpc_add_server/start_server: "
+            f"reinstall llama-cpp-python=={llama_cpp_python_pin()} with scripts/install-llama-cpp-python.sh"
+        )
     return _Ggml(
         lib=lib,
         add_server=ctypes.CFUNCTYPE(vp, cp)(add),
@@ -324,7 +328,7 @@ def on_lost_worker(handler: Callable[[str], None]) -> None:
     _installed[:] = [cb]
 
 
-def short_reason(message: str) -> str:
+def _without_location(message: str) -> str:
     """ggml's ``file:line: text`` → ``text``."""
     head, sep, tail = message.partition(": ")
     return tail.strip() if sep and ".c" in head else message.strip()
@@ -332,7 +336,7 @@ def short_reason(message: str) -> str:
 
 def lost_worker_message(message: str) -> str:
     """The one line a user sees when a worker goes away."""
-    return f"lost an RPC worker ({short_reason(message)}): check that every `pyactadd worker` named in --rpc is running"
+    return f"lost an RPC worker ({_without_location(message)}): check that every `pyactadd worker` named in --rpc is running"
 
 
 def exit_with_error(message: str) -> None:
@@ -380,3 +384,28 @@ def serve(endpoint: Endpoint, devices: Sequence[int], *, threads: int, cache_dir
     array = (ctypes.c_void_p * len(devices))(*devices)
     _ggml().start_server(str(endpoint).encode(), cache_dir.encode() if cache_dir else None, threads, len(devices), array)
 
+
+
+def run_worker(endpoint: Endpoint, devices: Sequence[int], *, threads: int | None = None, cache_dir: str | None = None) -> str:
+    """Serve as a worker until stopped; returns why it ended: ``"stopped"`` (SIGTERM) or
+    ``"gave up"`` (ggml's server returned; it printed why). Ctrl+C raises KeyboardInterrupt.
+
+    ggml's server loop never returns while it serves, so it runs on a daemon thread and
+    the calling (main) thread waits, free to take Ctrl+C and SIGTERM. After this returns
+    the ggml thread may still be blocked in accept(): end the process with ``os._exit``.
+    """
+    ended = threading.Event()
+    gave_up: list[bool] = []
+
+    def serving() -> None:
+        try:
+            serve(endpoint, devices, threads=threads or default_threads(), cache_dir=cache_dir)
+        finally:
+            gave_up.append(True)
+            ended.set()
+
+    signal.signal(signal.SIGTERM, lambda *_: ended.set())
+    threading.Thread(target=serving, name="ggml-rpc-server", daemon=True).start()
+    while not ended.wait(0.5):
+        pass
+    return "gave up" if gave_up else "stopped"

@@ -14,6 +14,9 @@ Alignment of a vector's rows [P, n_embd] with the sequence:
   llama.cpp's own control-vector mechanism (``llama_set_adapter_cvec``), so it costs no
   callback work; block input 1 (which llama.cpp's control vectors cannot reach) goes
   through the engine instead.
+
+Each vector takes its own alignment (the one given with it, else the file's), so one
+:meth:`Steering.set` can mix them; ``align=`` overrides them all.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -32,6 +35,10 @@ from pyactadd.vector.value import ModelFingerprint, SteeringVector
 
 Alignment = Union[str, int]
 ALIGNMENTS = ("front", "back", "all")
+
+# One vector to add: (vector, coeff), or (vector, coeff, align) where align (None: the
+# vector's own) places this vector's rows independently of the others.
+SteerItem = Union[Tuple[SteeringVector, float], Tuple[SteeringVector, float, Optional[Alignment]]]
 
 
 def parse_alignment(value: str | int) -> Alignment:
@@ -47,6 +54,29 @@ def parse_alignment(value: str | int) -> Alignment:
         return parse_alignment(int(text))
     except ValueError:
         raise InputError(f"unknown alignment {value!r}: use front, back, all or a non-negative position offset") from None
+
+
+def steer_items(vectors: SteeringVector | Sequence[SteerItem]) -> list[tuple[SteeringVector, float, Alignment | None]]:
+    """``vectors`` as ``(vector, coeff, align)`` triples: a lone vector has coefficient 1, and
+    an item without an alignment gets None (the vector's own)."""
+    if isinstance(vectors, SteeringVector):
+        vectors = [(vectors, 1.0)]
+    items = []
+    for item in vectors:
+        if len(item) not in (2, 3):
+            raise InputError(f"a steering item is (vector, coeff) or (vector, coeff, align), got {len(item)} values")
+        vector, coeff = item[0], float(item[1])
+        own = parse_alignment(item[2]) if len(item) == 3 and item[2] is not None else None
+        items.append((vector, coeff, own))
+    return items
+
+
+def resolve_alignment(vector: SteeringVector, own: Alignment | None = None, override: Alignment | None = None) -> Alignment:
+    """The alignment ``vector`` is placed by: ``override`` (``--align``), else its item's
+    ``own``, else the one stored in the vector."""
+    if override is not None:
+        return parse_alignment(override)
+    return parse_alignment(own if own is not None else vector.alignment)
 
 
 @dataclass(frozen=True)
@@ -85,6 +115,8 @@ class Steering:
         steering.set([(SteeringVector.load("love.gguf"), 4.0)])
         print(llm.create_completion("I hate you because")["choices"][0]["text"])
         steering.clear()
+        # Two files, each placed by its own alignment (back needs the prompt length):
+        steering.set([(love, 4.0, "front"), (calm, 2.0, "back")], prompt_length=len(ids))
     """
 
     def __init__(self, llama, *, force_device_copy: bool = False) -> None:
@@ -149,17 +181,19 @@ class Steering:
 
     def set(
         self,
-        vectors: SteeringVector | Sequence[tuple[SteeringVector, float]],
+        vectors: SteeringVector | Sequence[SteerItem],
         *,
         align: Alignment | None = None,
         prompt_length: int | None = None,
         use_llama_cvec: bool = True,
     ) -> None:
-        """Replace the steering in force by ``vectors`` (each with a coefficient).
+        """Replace the steering in force by ``vectors`` (each with a coefficient, optionally an alignment).
 
         Args:
-            vectors: one vector (coefficient 1) or pairs ``(vector, coeff)``; their rows sum.
-            align: override every vector's own alignment (``front``, ``back``, ``all`` or an offset).
+            vectors: one vector (coefficient 1) or items ``(vector, coeff)`` or
+                ``(vector, coeff, align)``; their rows sum, each placed by its own alignment
+                (the item's, else the vector's).
+            align: override every vector's alignment (``front``, ``back``, ``all`` or an offset).
             prompt_length: the number of prompt tokens, needed by ``back`` alignment.
             use_llama_cvec: apply ``all`` alignment through llama.cpp's control vector (no
                 callback cost); False sends it through the engine, which the tests use to
@@ -169,16 +203,13 @@ class Steering:
             ModelMismatchError: a vector was made for another model.
             InputError: an alignment the vector cannot take, or a span that does not fit the context.
         """
-        if isinstance(vectors, SteeringVector):
-            vectors = [(vectors, 1.0)]
         n_ctx = int(self._llama.n_ctx())
         planned: list[Applied] = []
-        for vector, coeff in vectors:
+        for vector, coeff, own in steer_items(vectors):
             vector.check_fits(self.fingerprint)
-            coeff = float(coeff)
             if not np.isfinite(coeff):
                 raise InputError(f"coefficient must be a finite number, got {coeff}")
-            chosen = parse_alignment(align if align is not None else vector.alignment)
+            chosen = resolve_alignment(vector, own, align)
             planned.append(Applied(vector, coeff, chosen, self.first_position(vector, chosen, prompt_length, n_ctx)))
         self._apply(planned, use_llama_cvec)
 
@@ -187,8 +218,14 @@ class Steering:
         self._apply([])
 
     @contextlib.contextmanager
-    def steer(self, vectors, *, align: Alignment | None = None, prompt_length: int | None = None) -> Iterator["Steering"]:
-        """Context manager: steering in force inside the block, cleared after it."""
+    def steer(
+        self,
+        vectors: SteeringVector | Sequence[SteerItem],
+        *,
+        align: Alignment | None = None,
+        prompt_length: int | None = None,
+    ) -> Iterator["Steering"]:
+        """Context manager: steering in force inside the block (as :meth:`set`), cleared after it."""
         self.set(vectors, align=align, prompt_length=prompt_length)
         try:
             yield self

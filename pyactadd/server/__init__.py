@@ -9,7 +9,7 @@ a time, each with its own steering (vectors named in the request, loaded from
 * :mod:`.plan`: a request → prompt token ids + steering + sampling (the functions ``pyactadd run`` uses).
 * :mod:`.worker`: the queue and the thread that runs the model.
 * :mod:`.app`: the FastAPI application (routes, streaming, limits, API key).
-* :mod:`.launcher`: start a server in a subprocess and wait until it answers (tests, benchmarks).
+* :mod:`.process`: the listening socket, the uvicorn loop, and the restart in place after a lost RPC worker.
 """
 
 from __future__ import annotations

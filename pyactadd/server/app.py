@@ -31,7 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pyactadd.errors import PyactaddError
+from pyactadd.errors import ModelMismatchError, PyactaddError
 from pyactadd.server.plan import Prepared, prepare
 from pyactadd.server.registry import VectorRegistry
 from pyactadd.server.schemas import ApiError, ChatCompletionRequest, CompletionRequest, check_vector_name, param_of
@@ -62,126 +62,156 @@ class ServerConfig:
 def create_app(llama, registry: VectorRegistry, config: ServerConfig) -> FastAPI:
     """Build the application around a loaded Llama (with a Steering attached) and a vector registry.
 
-    The worker thread starts and stops with the application's lifespan.
+    The worker thread starts and stops with the application's lifespan; it is
+    ``app.state.worker``.
     """
-    worker = Worker(llama, queue_size=config.queue_size, prompt_cache=config.prompt_cache)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        worker.start()
-        try:
-            yield
-        finally:
-            await asyncio.to_thread(worker.stop)
-
     app = FastAPI(
         title="pyactadd",
         summary="OpenAI-compatible completions with per-request ActAdd steering inside llama.cpp",
-        lifespan=lifespan,
+        lifespan=_lifespan,
         docs_url="/docs",
         redoc_url=None,
     )
-    app.state.worker = worker
+    app.state.llama = llama
+    app.state.worker = Worker(llama, queue_size=config.queue_size, prompt_cache=config.prompt_cache)
     app.state.registry = registry
     app.state.config = config
+    app.state.created = int(time.time())
     app.add_middleware(BodyLimit, config=config)
     if config.allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=config.allowed_hosts)
     _install_error_handlers(app)
-
-    async def require_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise ApiError(
-                401,
-                "missing or wrong API key: send 'Authorization: Bearer KEY' with the server's --api-key",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    api = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
-    created = int(time.time())
-
-    @app.get("/health")
-    async def health() -> Any:
-        """Liveness and queue state; 503 once the model's backend is lost (an RPC worker died)."""
-        if worker.lost is not None:
-            return JSONResponse(
-                status_code=503,
-                content={"status": "unhealthy", "error": worker.lost, "model": config.model_name, "queue": worker.status()},
-            )
-        return {
-            "status": "ok",
-            "model": config.model_name,
-            "queue": worker.status(),
-            "auth": config.api_key is not None,
-            "upload": config.allow_upload,
-        }
-
-    @api.get("/models")
-    async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": config.model_name, "object": "model", "created": created, "owned_by": "pyactadd"}],
-        }
-
-    @api.get("/steering/vectors")
-    async def list_vectors() -> dict[str, Any]:
-        """The vectors a request may name, with their metadata; unusable ones say why."""
-        return {"object": "list", "data": [entry.describe() for entry in registry.entries()]}
-
-    @api.get("/steering/vectors/{name}")
-    async def get_vector(name: str) -> dict[str, Any]:
-        entry = registry.get(_name_param(name))
-        if entry is None:
-            raise ApiError(404, f"no steering vector named {name!r}", param="name", code="unknown_vector")
-        return entry.describe()
-
-    @api.put("/steering/vectors/{name}", status_code=201)
-    async def upload_vector(name: str, request: Request) -> dict[str, Any]:
-        """Register the GGUF steering file in the body under ``name`` (replacing a vector of that name)."""
-        _check_upload_allowed(config)
-        name = _name_param(name)
-        data = await request.body()
-        if not data:
-            raise ApiError(400, "empty body: send the bytes of a .gguf steering file", code="empty_body")
-        try:
-            entry = await asyncio.to_thread(registry.add_gguf, name, data)
-        except PyactaddError as exc:
-            code = "model_mismatch" if exc.__class__.__name__ == "ModelMismatchError" else "invalid_vector_file"
-            raise ApiError(400, str(exc), code=code) from None
-        return entry.describe()
-
-    @api.delete("/steering/vectors/{name}", status_code=204)
-    async def delete_vector(name: str) -> Response:
-        _check_upload_allowed(config)
-        if not registry.remove(_name_param(name)):
-            raise ApiError(404, f"no steering vector named {name!r}", param="name", code="unknown_vector")
-        return Response(status_code=204)
-
-    @api.post("/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        prepared = await _prepare(llama, registry, body, config)
-        return await _answer(request, worker, prepared, _Shape(config.model_name, chat=False, body=body))
-
-    @api.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        prepared = await _prepare(llama, registry, body, config)
-        return await _answer(request, worker, prepared, _Shape(config.model_name, chat=True, body=body))
-
-    app.include_router(api)
-
-    static = resources.files("pyactadd.server") / "static"
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def playground() -> HTMLResponse:
-        return HTMLResponse((static / "index.html").read_text(encoding="utf-8"))
-
+    app.get("/health")(health)
+    app.include_router(_api())
+    app.get("/", response_class=HTMLResponse, include_in_schema=False)(playground)
     app.mount("/static", StaticFiles(packages=[("pyactadd.server", "static")]), name="static")
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    worker: Worker = app.state.worker
+    worker.start()
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(worker.stop)
+
+
+def _api() -> APIRouter:
+    """The /v1 routes, behind the API key check."""
+    api = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+    api.get("/models")(models)
+    api.get("/steering/vectors")(list_vectors)
+    api.get("/steering/vectors/{name}")(get_vector)
+    api.put("/steering/vectors/{name}", status_code=201)(upload_vector)
+    api.delete("/steering/vectors/{name}", status_code=204)(delete_vector)
+    api.post("/completions")(completions)
+    api.post("/chat/completions")(chat_completions)
+    return api
+
+
+async def require_key(request: Request) -> None:
+    """Refuse a /v1 request without the server's API key (when it has one) with 401."""
+    config: ServerConfig = request.app.state.config
+    if config.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+        raise ApiError(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer KEY' with the server's --api-key",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+async def health(request: Request) -> Any:
+    """Liveness and queue state; 503 once the model's backend is lost (an RPC worker died)."""
+    worker: Worker = request.app.state.worker
+    config: ServerConfig = request.app.state.config
+    if worker.lost is not None:
+        return JSONResponse(
+            status_code=503,
+            content={"status": "unhealthy", "error": worker.lost, "model": config.model_name, "queue": worker.status()},
+        )
+    return {
+        "status": "ok",
+        "model": config.model_name,
+        "queue": worker.status(),
+        "auth": config.api_key is not None,
+        "upload": config.allow_upload,
+    }
+
+
+async def models(request: Request) -> dict[str, Any]:
+    """The one model this server serves."""
+    state = request.app.state
+    return {
+        "object": "list",
+        "data": [{"id": state.config.model_name, "object": "model", "created": state.created, "owned_by": "pyactadd"}],
+    }
+
+
+async def list_vectors(request: Request) -> dict[str, Any]:
+    """The vectors a request may name, with their metadata; unusable ones say why."""
+    return {"object": "list", "data": [entry.describe() for entry in request.app.state.registry.entries()]}
+
+
+async def get_vector(name: str, request: Request) -> dict[str, Any]:
+    """One vector's metadata."""
+    entry = request.app.state.registry.get(_name_param(name))
+    if entry is None:
+        raise ApiError(404, f"no steering vector named {name!r}", param="name", code="unknown_vector")
+    return entry.describe()
+
+
+async def upload_vector(name: str, request: Request) -> dict[str, Any]:
+    """Register the GGUF steering file in the body under ``name`` (replacing a vector of that name)."""
+    _check_upload_allowed(request.app.state.config)
+    name = _name_param(name)
+    data = await request.body()
+    if not data:
+        raise ApiError(400, "empty body: send the bytes of a .gguf steering file", code="empty_body")
+    try:
+        entry = await asyncio.to_thread(request.app.state.registry.add_gguf, name, data)
+    except ModelMismatchError as exc:
+        raise ApiError(400, str(exc), code="model_mismatch") from None
+    except PyactaddError as exc:
+        raise ApiError(400, str(exc), code="invalid_vector_file") from None
+    return entry.describe()
+
+
+async def delete_vector(name: str, request: Request) -> Response:
+    """Remove an uploaded (or --vectors) vector."""
+    _check_upload_allowed(request.app.state.config)
+    if not request.app.state.registry.remove(_name_param(name)):
+        raise ApiError(404, f"no steering vector named {name!r}", param="name", code="unknown_vector")
+    return Response(status_code=204)
+
+
+async def completions(body: CompletionRequest, request: Request):
+    """``POST /v1/completions``."""
+    return await _complete(body, request, chat=False)
+
+
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    """``POST /v1/chat/completions``."""
+    return await _complete(body, request, chat=True)
+
+
+async def _complete(body, request: Request, *, chat: bool):
+    state = request.app.state
+    # Tokenizing is quick and thread-safe in llama.cpp; a thread keeps the loop free.
+    prepared = await asyncio.to_thread(prepare, state.llama, state.registry, body, max_tokens_limit=state.config.max_tokens)
+    return await _answer(request, state.worker, prepared, _Shape(state.config.model_name, chat=chat, body=body))
+
+
+async def playground() -> HTMLResponse:
+    """The playground page."""
+    static = resources.files("pyactadd.server") / "static"
+    return HTMLResponse((static / "index.html").read_text(encoding="utf-8"))
 
 
 def _name_param(name: str) -> str:
@@ -194,11 +224,6 @@ def _name_param(name: str) -> str:
 def _check_upload_allowed(config: ServerConfig) -> None:
     if not config.allow_upload:
         raise ApiError(403, "uploads are turned off on this server (--no-upload)", code="upload_disabled")
-
-
-async def _prepare(llama, registry, body, config: ServerConfig) -> Prepared:
-    # Tokenizing is quick and thread-safe in llama.cpp; a thread keeps the loop free.
-    return await asyncio.to_thread(prepare, llama, registry, body, max_tokens_limit=config.max_tokens)
 
 
 class _ClientGone(Exception):

@@ -1,8 +1,9 @@
 """From a validated request to what the worker runs: prompt token ids, steering, sampling.
 
 The prompt and the steering go through the very functions ``pyactadd run`` uses
-(:func:`pyactadd.runtime.generate.prompt_tokens` with the vectors' :func:`common_anchor`, and
-later :meth:`Steering.set` with the prompt length), so a request generates exactly what
+(:func:`pyactadd.runtime.generate.prompt_tokens` or :func:`pyactadd.prompts.chat.chat_ids`
+with the vectors' :func:`common_anchor`, and later :meth:`Steering.set` with the prompt
+length and each vector's own alignment), so a request generates exactly what
 ``pyactadd run`` generates with the same settings and seed.
 
 Every check that does not need the model's time happens here, in the request handler,
@@ -12,16 +13,13 @@ the queue.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
-
 from pyactadd.errors import InputError
+from pyactadd.prompts.chat import chat_ids
 from pyactadd.runtime.generate import Sampling, common_anchor, prompt_tokens
-from pyactadd.runtime.steering import Alignment, Steering
-from pyactadd.prompts.tokens import apply_anchor
+from pyactadd.runtime.steering import Alignment, Steering, resolve_alignment
 from pyactadd.vector.value import SteeringVector
 from pyactadd.server.registry import VectorRegistry
 from pyactadd.server.schemas import (
@@ -36,15 +34,15 @@ from pyactadd.server.schemas import (
 
 @dataclass(frozen=True)
 class SteeringPlan:
-    """The steering one request asks for, ready for :meth:`Steering.set`.
+    """The steering one request asks for, ready for :meth:`Steering.set`: ``(vector, coeff,
+    align)`` items, each with its alignment resolved (the request's, else the file's).
 
     ``key`` identifies the steering in force exactly: each vector's registration, its
     coefficient and the position of its first row (``None`` for ``all``). Two requests
     with equal keys steer identically; the worker resets the KV cache whenever it changes.
     """
 
-    vectors: tuple[tuple[SteeringVector, float], ...]
-    align: Alignment | None
+    vectors: tuple[tuple[SteeringVector, float, Alignment], ...]
     key: tuple
     described: tuple[dict[str, Any], ...]  # echoed in the response
 
@@ -53,7 +51,7 @@ class SteeringPlan:
         return bool(self.vectors)
 
 
-UNSTEERED = SteeringPlan((), None, (), ())
+UNSTEERED = SteeringPlan((), (), ())
 
 
 @dataclass(frozen=True)
@@ -79,49 +77,11 @@ def prepare(
     Raises:
         ApiError: 400 naming the field at fault.
     """
-    chat = isinstance(request, ChatCompletionRequest)
-    prompt_field = "messages" if chat else "prompt"
-    for key in request.model_extra or {}:
-        if "steer" in key.lower():
-            raise ApiError(400, f"unknown field {key!r}: did you mean 'steering'?", param=key, code="unknown_field")
+    _refuse_misspelt_steering(request)
     entries = _entries(registry, request.steering)
-    vectors = [(entry.vector, item.coeff) for entry, item in zip(entries, request.steering)]
-    try:
-        anchor = common_anchor(vectors)
-    except InputError as exc:
-        raise ApiError(400, str(exc), param="steering", code="incompatible_vectors") from None
-    try:
-        ids = chat_tokens(llama, request.messages, anchor) if chat else prompt_tokens(llama, request.prompt, anchor_id=anchor)
-    except InputError as exc:
-        raise ApiError(400, str(exc), param=prompt_field, code="invalid_prompt") from None
-
+    ids = _prompt_ids(llama, request, [(entry.vector, item.coeff) for entry, item in zip(entries, request.steering)])
     n_ctx = int(llama.n_ctx())
-    room = n_ctx - len(ids)
-    if room < 1:
-        raise ApiError(
-            400,
-            f"the {prompt_field} is {len(ids)} tokens, which leaves no room in the context of {n_ctx} tokens: shorten it",
-            param=prompt_field,
-            code="context_length_exceeded",
-        )
-    max_tokens = request.max_tokens
-    if max_tokens is None:
-        max_tokens = min(max_tokens_limit, room) if chat else min(DEFAULT_COMPLETION_MAX_TOKENS, max_tokens_limit, room)
-    elif max_tokens > max_tokens_limit:
-        raise ApiError(
-            400,
-            f"max_tokens {max_tokens} is above this server's limit of {max_tokens_limit}",
-            param="max_tokens",
-            code="max_tokens_too_large",
-        )
-    elif max_tokens > room:
-        raise ApiError(
-            400,
-            f"the {prompt_field} ({len(ids)} tokens) plus max_tokens {max_tokens} exceeds the context of {n_ctx} tokens: "
-            f"lower max_tokens to at most {room} or shorten the {prompt_field}",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
+    max_tokens = _max_tokens(request, len(ids), n_ctx, max_tokens_limit)
     plan = steering_plan(entries, request.steering, prompt_length=len(ids), n_ctx=n_ctx)
     sampling = Sampling(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, seed=request.seed)
     penalties = {
@@ -130,6 +90,61 @@ def prepare(
         if value
     }
     return Prepared(ids=ids, plan=plan, sampling=sampling, stop=request.stop, penalties=penalties)
+
+
+def _prompt_field(request) -> str:
+    return "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+
+
+def _refuse_misspelt_steering(request) -> None:
+    # Ignoring a misspelt "steering" would silently generate unsteered text.
+    for key in request.model_extra or {}:
+        if "steer" in key.lower():
+            raise ApiError(400, f"unknown field {key!r}: did you mean 'steering'?", param=key, code="unknown_field")
+
+
+def _prompt_ids(llama, request, vectors: Sequence[tuple[SteeringVector, float]]) -> list[int]:
+    """The prompt's token ids, with the anchor every vector shares."""
+    try:
+        anchor = common_anchor(vectors)
+    except InputError as exc:
+        raise ApiError(400, str(exc), param="steering", code="incompatible_vectors") from None
+    try:
+        if isinstance(request, ChatCompletionRequest):
+            return chat_tokens(llama, request.messages, anchor)
+        return prompt_tokens(llama, request.prompt, anchor_id=anchor)
+    except InputError as exc:
+        raise ApiError(400, str(exc), param=_prompt_field(request), code="invalid_prompt") from None
+
+
+def _max_tokens(request, n_prompt: int, n_ctx: int, limit: int) -> int:
+    """The request's max_tokens (or its default), checked against the server's limit and the context."""
+    field = _prompt_field(request)
+    room = n_ctx - n_prompt
+    if room < 1:
+        raise ApiError(
+            400,
+            f"the {field} is {n_prompt} tokens, which leaves no room in the context of {n_ctx} tokens: shorten it",
+            param=field,
+            code="context_length_exceeded",
+        )
+    max_tokens = request.max_tokens
+    if max_tokens is None:
+        chat = isinstance(request, ChatCompletionRequest)
+        return min(limit, room) if chat else min(DEFAULT_COMPLETION_MAX_TOKENS, limit, room)
+    if max_tokens > limit:
+        raise ApiError(
+            400, f"max_tokens {max_tokens} is above this server's limit of {limit}", param="max_tokens", code="max_tokens_too_large"
+        )
+    if max_tokens > room:
+        raise ApiError(
+            400,
+            f"the {field} ({n_prompt} tokens) plus max_tokens {max_tokens} exceeds the context of {n_ctx} tokens: "
+            f"lower max_tokens to at most {room} or shorten the {field}",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return max_tokens
 
 
 def _entries(registry: VectorRegistry, items: Sequence[SteeringItem]):
@@ -153,35 +168,39 @@ def _entries(registry: VectorRegistry, items: Sequence[SteeringItem]):
 
 
 def steering_plan(entries, items: Sequence[SteeringItem], *, prompt_length: int, n_ctx: int) -> SteeringPlan:
-    """Resolve each item's alignment to positions and build the plan.
+    """Resolve each item's alignment to the position of its first row and build the plan.
 
-    When every item has the same alignment the vectors go to :meth:`Steering.set` as they
-    are, with that alignment, exactly as ``pyactadd run --align`` passes them. Different
-    per-position alignments in one request are resolved to offsets and the later-starting
-    vectors are padded at the front with zero rows (adding zero changes nothing), so one
-    ``set`` call places each vector where its own alignment says.
+    Each vector keeps its own alignment (the item's, else the file's), as
+    :meth:`Steering.set` places it, so per-position alignments mix freely in one request.
 
     Raises:
-        ApiError: an alignment the vector cannot take, or a span outside the context.
+        ApiError: an alignment the vector cannot take, a span outside the context, or
+            ``all`` mixed with per-position alignments.
     """
     if not items:
         return UNSTEERED
-    aligns: list[Alignment] = [item.align if item.align is not None else entry.vector.alignment for entry, item in zip(entries, items)]
+    aligns = [resolve_alignment(entry.vector, item.align) for entry, item in zip(entries, items)]
     offsets: list[int | None] = []
     for index, (entry, align) in enumerate(zip(entries, aligns)):
         try:
             offsets.append(Steering.first_position(entry.vector, align, prompt_length, n_ctx))
         except InputError as exc:
             raise ApiError(400, str(exc), param=f"steering[{index}].align", code="invalid_alignment") from None
+    _refuse_all_with_positions(aligns)
     key = tuple((entry.uid, float(item.coeff), offset) for entry, item, offset in zip(entries, items, offsets))
     described = tuple(
         {"vector": entry.name, "coeff": item.coeff, "align": align, "offset": offset}
         for entry, item, align, offset in zip(entries, items, aligns, offsets)
     )
-    vectors = [(entry.vector, float(item.coeff)) for entry, item in zip(entries, items)]
-    if len(set(aligns)) == 1:
-        return SteeringPlan(tuple(vectors), aligns[0], key, described)
-    if "all" in aligns:
+    vectors = tuple((entry.vector, float(item.coeff), align) for entry, item, align in zip(entries, items, aligns))
+    return SteeringPlan(vectors, key, described)
+
+
+def _refuse_all_with_positions(aligns: Sequence[Alignment]) -> None:
+    # Kept from the first server, whose one-alignment plan could not express this mix.
+    # Steering.set can (pyactadd run mixes a back and an all file); allowing it here
+    # changes what the API accepts, so it waits for its own change.
+    if "all" in aligns and any(a != "all" for a in aligns):
         index = next(i for i, a in enumerate(aligns) if a != aligns[0])
         raise ApiError(
             400,
@@ -190,43 +209,13 @@ def steering_plan(entries, items: Sequence[SteeringItem], *, prompt_length: int,
             param=f"steering[{index}].align",
             code="invalid_alignment",
         )
-    start = min(o for o in offsets if o is not None)
-    padded = tuple((_pad_front(vector, offset - start), coeff) for (vector, coeff), offset in zip(vectors, offsets))
-    return SteeringPlan(padded, start, key, described)
-
-
-def _pad_front(vector: SteeringVector, n_rows: int) -> SteeringVector:
-    if n_rows == 0:
-        return vector
-    zeros = np.zeros((n_rows, vector.n_embd), dtype=np.float32)
-    layers = {layer: np.concatenate([zeros, rows]) for layer, rows in vector.layers.items()}
-    return dataclasses.replace(vector, layers=layers, alignment="front", extra=dict(vector.extra))
 
 
 def chat_tokens(llama, messages: Sequence[ChatMessage], anchor_id: int | None) -> list[int]:
-    """Token ids of a chat in the model's template.
-
-    A single user message goes through :func:`prompt_tokens` with ``chat=True``, exactly
-    as ``pyactadd run --chat``; a longer conversation is rendered by the same formatter
-    (:class:`llama_cpp.llama_chat_format.Jinja2ChatFormatter` on the GGUF's template).
+    """Token ids of a chat in the model's template (:func:`pyactadd.prompts.chat.chat_ids`,
+    the function ``pyactadd run --chat`` uses for its single user turn).
 
     Raises:
         InputError: an empty message, or a model without a chat template.
     """
-    if len(messages) == 1 and messages[0].role == "user":
-        return prompt_tokens(llama, messages[0].text, chat=True, anchor_id=anchor_id)
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    turns = []
-    for index, message in enumerate(messages):
-        if not message.text.strip():
-            raise InputError(f"message {index} is empty: give every message some text")
-        turns.append({"role": "system" if message.role == "developer" else message.role, "content": message.text})
-    template = llama.metadata.get("tokenizer.chat_template")
-    if not template:
-        raise InputError("this model has no chat template in its GGUF: use /v1/completions")
-    special = lambda token_id: llama.detokenize([token_id], special=True).decode("utf-8", "replace")  # noqa: E731
-    formatter = Jinja2ChatFormatter(template=template, eos_token=special(llama.token_eos()), bos_token=special(llama.token_bos()))
-    text = formatter(messages=turns).prompt
-    ids = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-    return apply_anchor(ids, anchor_id)
+    return chat_ids(llama, [{"role": m.role, "content": m.text} for m in messages], anchor_id=anchor_id)

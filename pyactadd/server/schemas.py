@@ -14,7 +14,7 @@ import math
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pyactadd.errors import InputError
 from pyactadd.runtime.steering import Alignment, parse_alignment
@@ -109,6 +109,18 @@ class SteeringItem(BaseModel):
             raise ValueError(str(exc)) from None
 
 
+# OpenAI fields this server refuses unless they ask for nothing (absent, false, empty),
+# named as the error says them.
+UNSUPPORTED = {"logprobs": "logprobs are", "logit_bias": "logit_bias is", "echo": "echo is", "suffix": "suffix (insertion) is"}
+
+
+def refuse_unsupported(value: Any, info: ValidationInfo) -> Any:
+    """Pydantic field validator: refuse a field of :data:`UNSUPPORTED` that asks for something."""
+    if value not in (None, False, "", {}):
+        raise ValueError(f"{UNSUPPORTED[info.field_name]} not supported by this server")
+    return value
+
+
 class StreamOptions(BaseModel):
     """``stream_options``: ``include_usage`` adds a last chunk with token counts."""
 
@@ -153,19 +165,7 @@ class _Generation(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value not in (None, False):
-            raise ValueError("logprobs are not supported by this server")
-        return None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value):
-        if value:
-            raise ValueError("logit_bias is not supported by this server")
-        return None
+    _unsupported = field_validator("logprobs", "logit_bias")(refuse_unsupported)
 
     @field_validator("seed", mode="before")
     @classmethod
@@ -198,19 +198,7 @@ class CompletionRequest(_Generation):
             raise ValueError("empty prompt: give a non-empty text")
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported by this server")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value):
-        if value:
-            raise ValueError("suffix (insertion) is not supported by this server")
-        return None
+    _unsupported_here = field_validator("echo", "suffix")(refuse_unsupported)
 
 
 class TextPart(BaseModel):

@@ -235,7 +235,7 @@ class Worker:
         if plan.key != self._key:
             self._key = None  # unknown until set() succeeds
             if plan.steered:
-                self._steering.set(list(plan.vectors), align=plan.align, prompt_length=len(prepared.ids))
+                self._steering.set(list(plan.vectors), prompt_length=len(prepared.ids))
             else:
                 self._steering.clear()  # resets the Llama's cached prefix
             self._key = plan.key

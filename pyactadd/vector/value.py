@@ -3,11 +3,14 @@
 A :class:`SteeringVector` holds, for each steering layer ``L`` (block-input numbering, see
 :mod:`pyactadd.vector.layers`), a float32 array of shape ``[P, n_embd]``: row ``p`` is added to the
 residual stream at prompt position ``p`` (counted from where ``alignment`` says). The
-:class:`ModelFingerprint` records which model the rows belong to, so applying them to a
-different model fails with a clear message instead of silently steering garbage.
+:class:`ModelFingerprint` (:mod:`pyactadd.vector.fingerprint`) records which model the rows
+belong to.
 
-This module depends on numpy only; reading and writing files lives in
-:mod:`pyactadd.vector.gguf_file`.
+:meth:`SteeringVector.save` and :meth:`SteeringVector.load` are the way to write and read
+pyactadd steering files; the format itself lives in :mod:`pyactadd.vector.gguf_file`, which
+knows nothing of this class (imports go one way: value -> gguf_file). It is imported on
+first use: gguf's import time is not something ``import pyactadd`` or ``pyactadd --help``
+should pay.
 """
 
 from __future__ import annotations
@@ -17,67 +20,24 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pyactadd.errors import InputError, ModelMismatchError, SteeringFileError
+from pyactadd.errors import InputError, ModelMismatchError
+from pyactadd.vector.fingerprint import ModelFingerprint, check_finite, check_int
 from pyactadd.vector.layers import check_layer
+
+if TYPE_CHECKING:
+    from pyactadd.vector.gguf_file import SteeringFile
+
+__all__ = ["ALIGNMENTS", "SOURCES", "ModelFingerprint", "SteeringVector", "check_finite"]
 
 ALIGNMENTS = ("front", "back", "all")
 SOURCES = ("pyactadd", "llama.cpp")
 
 _INT32_MAX = 2**31 - 1
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-@dataclass(frozen=True)
-class ModelFingerprint:
-    """What a steering vector was made for; ``None`` means "not known"."""
-
-    architecture: str | None  # GGUF architecture name, e.g. "llama", "gemma3"
-    n_embd: int
-    n_layer: int | None
-    n_vocab: int | None
-
-    def __post_init__(self) -> None:
-        if self.architecture is not None and (not isinstance(self.architecture, str) or not self.architecture):
-            raise InputError(f"architecture must be a non-empty string or None, got {self.architecture!r}")
-        _check_int("n_embd", self.n_embd, minimum=1)
-        if self.n_layer is not None:
-            _check_int("n_layer", self.n_layer, minimum=2)
-        if self.n_vocab is not None:
-            _check_int("n_vocab", self.n_vocab, minimum=1)
-
-    def mismatch(self, other: ModelFingerprint) -> str | None:
-        """Describe the first difference from ``other`` in one line, or return ``None``.
-
-        Only fields known on both sides are compared, so a fingerprint with unknown
-        ``n_layer`` matches any ``n_layer``.
-        """
-        for name in ("architecture", "n_embd", "n_layer", "n_vocab"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine is not None and theirs is not None and mine != theirs:
-                return f"{name} {mine} != {theirs}"
-        return None
-
-    def merged(self, other: ModelFingerprint) -> ModelFingerprint:
-        """Return a fingerprint with every field known on either side (they must not conflict)."""
-        return ModelFingerprint(
-            architecture=self.architecture if self.architecture is not None else other.architecture,
-            n_embd=self.n_embd,
-            n_layer=self.n_layer if self.n_layer is not None else other.n_layer,
-            n_vocab=self.n_vocab if self.n_vocab is not None else other.n_vocab,
-        )
-
-    def describe(self) -> str:
-        """Return e.g. ``"llama with n_embd 576, n_layer 30, n_vocab 49152"``."""
-        parts = [f"n_embd {self.n_embd}"]
-        if self.n_layer is not None:
-            parts.append(f"n_layer {self.n_layer}")
-        if self.n_vocab is not None:
-            parts.append(f"n_vocab {self.n_vocab}")
-        arch = self.architecture if self.architecture is not None else "an unknown architecture"
-        return f"{arch} with {', '.join(parts)}"
 
 
 @dataclass(eq=False)
@@ -87,6 +47,7 @@ class SteeringVector:
     ``layers[L]`` is a C-contiguous float32 array ``[P, n_embd]`` added at the input of
     block ``L``; every layer has the same ``P``. ``coefficient`` is already multiplied into
     the rows and is kept as metadata only (rounded to float32, as the file stores it).
+    ``zeroed_rows`` names the rows extraction set to zero (attention sinks), ``{L: [p, ...]}``.
     Construction validates everything and raises :class:`InputError` for malformed
     arguments and :class:`SteeringFileError` for NaN/inf rows.
     """
@@ -105,6 +66,7 @@ class SteeringVector:
     model_hint: str | None = None  # controlvector.model_hint; defaults to fingerprint.architecture
     source: str = "pyactadd"  # "pyactadd" or "llama.cpp" (a stock 1-D control vector file)
     extra: dict[str, object] = field(default_factory=dict)
+    zeroed_rows: dict[int, list[int]] = field(default_factory=dict)
 
     # Make numpy defer to our reflected operators: np.float32(2) * v calls v.__rmul__.
     __array_ufunc__ = None
@@ -131,12 +93,13 @@ class SteeringVector:
         for name in ("anchor_id", "pad_id"):
             value = getattr(self, name)
             if value is not None:
-                setattr(self, name, _check_int(name, value, minimum=0, maximum=_INT32_MAX))
+                setattr(self, name, check_int(name, value, minimum=0, maximum=_INT32_MAX))
         if self.model_hint is None:
             self.model_hint = self.fingerprint.architecture
         if self.source not in SOURCES:
             raise InputError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}")
         self.extra = _checked_extra(self.extra)
+        self.zeroed_rows = _checked_zeroed_rows(self.zeroed_rows)
 
     def _checked_layers(self, layers: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         if not isinstance(layers, dict) or not layers:
@@ -314,29 +277,43 @@ class SteeringVector:
             parts.append(f"source={self.source!r}")
         return f"SteeringVector({', '.join(parts)})"
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write this vector to a GGUF steering file atomically (see :func:`pyactadd.vector.gguf_file.write_steering_file`)."""
-        from pyactadd.vector.gguf_file import write_steering_file
+    def save(self, path: str | os.PathLike[str], *, llama_cpp: bool = False) -> None:
+        """Write this vector to a GGUF steering file, atomically.
 
-        write_steering_file(self, path)
+        With ``llama_cpp`` the file is a stock llama.cpp control vector (no ``pyactadd.*``
+        keys, 1-D ``direction.<L-1>``), exactly as repeng and cvector-generator write it.
+
+        Raises:
+            InputError: ``llama_cpp`` and a vector stock llama.cpp cannot load (the message names the fix).
+            SteeringFileError: a row holds NaN/inf, or the file cannot be written.
+        """
+        from pyactadd.vector import gguf_file
+
+        gguf_file.write_steering_file(self, path, bare=llama_cpp)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SteeringVector:
-        """Read a steering file written by pyactadd or llama.cpp (see :func:`pyactadd.vector.gguf_file.read_steering_file`)."""
-        from pyactadd.vector.gguf_file import read_steering_file
+        """Read a steering file written by pyactadd or a stock llama.cpp control vector.
 
-        return read_steering_file(path)
+        Stock files (``cvector-generator``, repeng) have no ``pyactadd.*`` keys and load as
+        alignment "all", source "llama.cpp", with the fingerprint's architecture taken from
+        ``controlvector.model_hint``.
 
+        Raises:
+            SteeringFileError: for every problem, naming the file and the fix.
+        """
+        from pyactadd.vector import gguf_file
 
-def check_finite(rows: np.ndarray, what: str) -> None:
-    """Raise :class:`SteeringFileError` naming ``what`` and the first row holding NaN or inf."""
-    finite = np.isfinite(rows)
-    if finite.all():
-        return
-    bad = np.argwhere(~finite)[0]
-    row = int(bad[0]) if rows.ndim > 1 else 0
-    value = rows[tuple(bad)]
-    raise SteeringFileError(f"{what} row {row} holds {value}: steering rows must be finite; re-extract the vector")
+        return cls.from_file(gguf_file.read_file(path))
+
+    @classmethod
+    def from_file(cls, found: SteeringFile) -> SteeringVector:
+        """Build the vector a :func:`pyactadd.vector.gguf_file.read_file` result describes.
+
+        Raises:
+            SteeringFileError: the file's fields do not make a valid vector.
+        """
+        return found.build(cls)
 
 
 def _as_rows(layer: int, value: object) -> np.ndarray:
@@ -352,21 +329,12 @@ def _as_rows(layer: int, value: object) -> np.ndarray:
     return np.ascontiguousarray(value, dtype=np.float32)
 
 
-def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"{name} must be an integer, got {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = "" if maximum is None else f" and at most {maximum}"
-        raise InputError(f"{name} must be at least {minimum}{upper}, got {value}")
-    return int(value)
-
-
 def _checked_ids(name: str, ids: object) -> list[int] | None:
     if ids is None:
         return None
     if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
         raise InputError(f"{name} must be a list of token ids or None, got {ids!r}")
-    checked = [_check_int(f"{name} entry", token, minimum=0, maximum=_INT32_MAX) for token in ids]
+    checked = [check_int(f"{name} entry", token, minimum=0, maximum=_INT32_MAX) for token in ids]
     if not checked:
         # GGUF writers (gguf-py and llama.cpp alike) cannot store an empty array.
         raise InputError(f"{name} is empty: pass None when there are no token ids")
@@ -380,6 +348,8 @@ def _checked_extra(extra: object) -> dict[str, object]:
     for key, value in extra.items():
         if not isinstance(key, str) or not key:
             raise InputError(f"extra keys must be non-empty strings, got {key!r}")
+        if key == "zeroed_rows":
+            raise InputError("zeroed_rows is a field of SteeringVector, not an extra: pass zeroed_rows={L: [rows]}")
         if isinstance(value, np.generic):
             value = value.item()
         if not isinstance(value, (str, int, float, bool)):
@@ -387,6 +357,20 @@ def _checked_extra(extra: object) -> dict[str, object]:
         if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
             raise InputError(f"extra[{key!r}] = {value} does not fit in 64 bits")
         checked[key] = value
+    return checked
+
+
+def _checked_zeroed_rows(zeroed: object) -> dict[int, list[int]]:
+    if not isinstance(zeroed, dict):
+        raise InputError(f"zeroed_rows must be a dict of layer to row numbers, got {type(zeroed).__name__}")
+    checked: dict[int, list[int]] = {}
+    for layer, rows in zeroed.items():
+        layer = check_int("zeroed_rows layer", layer, minimum=1)
+        if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
+            raise InputError(f"zeroed_rows[{layer}] must be a list of row numbers, got {rows!r}")
+        numbers_ = sorted({check_int(f"zeroed_rows[{layer}] entry", row, minimum=0) for row in rows})
+        if numbers_:
+            checked[layer] = numbers_
     return checked
 
 

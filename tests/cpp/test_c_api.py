@@ -24,6 +24,7 @@ console script fails the test that needs it, with what to install.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import shlex
@@ -242,10 +243,12 @@ def steer_args(model: Path, path: Path, n_predict: int, *extra: str) -> list[str
 # --- (a) the engine's own C test -------------------------------------------------------------
 
 
-def test_engine_test_under_asan_ubsan_lsan(asan_build):
-    proc = run_sanitized([str(asan_build / "engine_test")])
+def test_engine_test_under_asan_ubsan_lsan(asan_build, default_model_path):
+    # With the model: an engine given params.model, and files made for another model.
+    proc = run_sanitized([str(asan_build / "engine_test"), str(default_model_path)])
     assert proc.returncode == 0, output_of(proc)
     assert b", 0 failed" in proc.stderr
+    assert b"model checks run on" in proc.stderr, output_of(proc)
 
 
 def test_engine_test_under_valgrind(plain_build, valgrind):
@@ -333,18 +336,83 @@ def test_example_refuses_bad_input(config_steer, vectors, default_model_path, tm
         assert proc.stdout == b"", args
 
 
+def vector_for_another_model(source: Path, directory: Path, **changes) -> Path:
+    """``source``'s rows saved with a fingerprint naming another model (``changes`` to it)."""
+    vector = SteeringVector.load(source)
+    fingerprint = dataclasses.replace(vector.fingerprint, **changes)
+    path = directory / ("other-" + "-".join(changes) + ".gguf")
+    SteeringVector(layers=vector.layers, fingerprint=fingerprint).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, differs",
+    [({"n_vocab": 50000}, "n_vocab"), ({"architecture": "gemma3"}, "architecture"), ({"n_layer": 40}, "n_layer")],
+)
+def test_example_refuses_a_vector_for_another_model(config_steer, vectors, default_model_path, tmp_path, changes, differs):
+    """The engine is given the model, so a file whose fingerprint names another is refused:
+    one `steer: error:` line naming the difference and the fix, exit code 1, no text."""
+    path = vector_for_another_model(vectors["plain"], tmp_path, **changes)
+    proc = run([str(config_steer), *steer_args(default_model_path, path, 2)])
+    lines = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 1, output_of(proc)
+    assert len(lines) == 1 and lines[0].startswith("steer: error: "), output_of(proc)
+    assert f"({differs} " in lines[0] and "re-extract the vector for this model" in lines[0], lines[0]
+    assert proc.stdout == b""
+
+
+def test_file_info_matches_the_python_reader(vectors, tmp_path):
+    """pyactadd_file_read_info (through the binding) reports what SteeringVector.load reads,
+    for pyactadd's own files and for a stock llama.cpp control vector."""
+    from pyactadd.native import engine_module
+    from pyactadd.vector.layers import to_llama_index
+
+    plain = SteeringVector.load(vectors["plain"])
+    back = tmp_path / "back.gguf"
+    SteeringVector(layers=plain.layers, fingerprint=plain.fingerprint, alignment="back").save(back)
+    stock = tmp_path / "stock.gguf"  # one row per layer, no pyactadd.* keys
+    one_row = {LAYER: plain.layers[LAYER][:1], LAYER + 2: plain.layers[LAYER][1:2]}
+    SteeringVector(layers=one_row, fingerprint=plain.fingerprint).save(stock, llama_cpp=True)
+    for path in (vectors["plain"], vectors["anchored"], back, stock):
+        vector = SteeringVector.load(path)
+        info = engine_module().read_file_info(str(path))
+        fingerprint = vector.fingerprint
+        expected = {
+            "source": vector.source,
+            "alignment": vector.alignment,
+            "anchor": vector.anchor,
+            "anchor_token_id": -1 if vector.anchor_id is None else vector.anchor_id,
+            "has_fingerprint": vector.source == "pyactadd",
+            "model_architecture": (fingerprint.architecture or "") if vector.source == "pyactadd" else "",
+            "model_n_embd": fingerprint.n_embd,
+            "model_n_layer": fingerprint.n_layer or 0,
+            "model_n_vocab": fingerprint.n_vocab or 0,
+            "n_positions": vector.n_positions,
+            "layers": [to_llama_index(layer) for layer in vector.layer_ids],
+        }
+        assert info == expected, path
+    assert engine_module().read_file_info(str(vectors["anchored"]))["anchor_token_id"] >= 0
+    with pytest.raises(ValueError, match="cannot read"):
+        engine_module().read_file_info(str(tmp_path / "missing.gguf"))
+
+
 # --- the example under the sanitizers and valgrind ---------------------------------------------
 
 SHORT = 4  # tokens: enough to cover the steered prompt and single-token decoding
 
 
-def test_example_under_asan_ubsan_lsan(asan_build, vectors, default_model_path):
-    """The in-tree engine, instrumented, inside real llama.cpp inference (llama.cpp itself is not instrumented)."""
+def test_example_under_asan_ubsan_lsan(asan_build, vectors, default_model_path, tmp_path):
+    """The in-tree engine, instrumented, inside real llama.cpp inference (llama.cpp itself is not instrumented);
+    and its refusal of a file made for another model, which must free everything too."""
     path = vectors["plain"]
     proc = run_sanitized([str(asan_build / "pyactadd-steer"), *steer_args(default_model_path, path, SHORT)])
     assert proc.returncode == 0, output_of(proc)
     text = proc.stdout.decode("utf-8", "ignore")
     assert text and reference(path, N_PREDICT)["completions"]["steered"].startswith(text)
+    other = vector_for_another_model(path, tmp_path, n_vocab=50000)
+    proc = run_sanitized([str(asan_build / "pyactadd-steer"), *steer_args(default_model_path, other, SHORT)])
+    assert proc.returncode == 1 and b"re-extract the vector for this model" in proc.stderr, output_of(proc)
+    assert b"Sanitizer" not in proc.stderr, output_of(proc)
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def test_sink_warning_for_a_lone_first_token():
     with pytest.warns(SinkRowWarning, match=r"layer 20: .*position 0.*attention sink.*<\|im_start\|>") as record:
         vector = extract(" weddings", " ", 20)
     assert len([w for w in record if issubclass(w.category, SinkRowWarning)]) == 1
-    assert "zeroed_rows" not in vector.extra
+    assert "zeroed_rows" not in vector.extra and vector.zeroed_rows == {}
     assert np.linalg.norm(vector.layers[20][0]) > 100
 
 
@@ -172,14 +172,14 @@ def test_zero_outliers_and_zero_rows():
         cleaned = extract(" weddings", " ", [6, 20], zero_outliers=True)
     assert not np.any(cleaned.layers[20][0])
     assert np.any(cleaned.layers[6][0])  # not an outlier at this early block
-    assert json.loads(cleaned.extra["zeroed_rows"]) == {"20": [0]}
+    assert cleaned.zeroed_rows == {20: [0]}
 
     chosen = extract("Love", "Hate", [6, 12], zero_rows=[1])
     full = extract("Love", "Hate", [6, 12])
     for layer in (6, 12):
         assert not np.any(chosen.layers[layer][1])
         np.testing.assert_array_equal(chosen.layers[layer][0], full.layers[layer][0])
-    assert json.loads(chosen.extra["zeroed_rows"]) == {"6": [1], "12": [1]}
+    assert chosen.zeroed_rows == {6: [1], 12: [1]}
 
 
 def test_vector_survives_save_and_load(tmp_path):
@@ -281,14 +281,14 @@ def test_cache_key_is_hashed_once(tmp_path, monkeypatch):
 
     weights = tmp_path / "model.gguf"
     weights.write_bytes(b"GGUF" + bytes(range(256)) * 100)
-    key = torch_model._gguf_key(tmp_path / "cache", weights, weights.stat())
+    key = torch_model.cache_key(weights, root=tmp_path / "cache", stat=weights.stat())
     assert key == hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
 
     def no_rehash(path):
         raise AssertionError("hashed again")
 
     monkeypatch.setattr(torch_model, "_sha256", no_rehash)
-    assert torch_model._gguf_key(tmp_path / "cache", weights, weights.stat()) == key
+    assert torch_model.cache_key(weights, root=tmp_path / "cache") == key
 
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):
@@ -304,8 +304,7 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
 def test_converted_weights_are_cached(torch_model, default_model_path):
     from pyactadd.extract import torch_model as module
 
-    key = module._gguf_key(module.cache_root(), default_model_path.resolve(), default_model_path.stat())
-    entry = module.cache_root() / "torch" / key
+    entry = module.cache_entry(default_model_path)
     assert (entry / "model.safetensors").is_file()
     assert (entry / module._DONE_FILE).is_file()
     config = json.loads((entry / "config.json").read_text())

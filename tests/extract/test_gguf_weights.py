@@ -23,12 +23,12 @@ from helpers.forward_check import assert_same_forward
 
 
 def _entry_dir(root: Path, model_path: Path) -> Path:
-    return root / "torch" / torch_model._gguf_key(root, model_path, model_path.stat())
+    return torch_model.cache_entry(model_path, root=root)
 
 
 @pytest.fixture(scope="module")
 def transformers_conversion(default_model_path, tmp_path_factory):
-    """(cache entry, in-memory model) of transformers' GGUF conversion of the default model (~35 s)."""
+    """(cache entry, in-memory model) of transformers' GGUF conversion of the default model (slow: once per module)."""
     root = tmp_path_factory.mktemp("transformers-cache")
     model = torch_model._convert_gguf(Path(default_model_path))
     entry = _entry_dir(root, Path(default_model_path))

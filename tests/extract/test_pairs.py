@@ -20,7 +20,8 @@ from pyactadd.cli import main
 from pyactadd.errors import InputError
 from pyactadd.extract.pipeline import SinkRowWarning, extract
 from pyactadd.extract.methods import mean_difference, pca_direction
-from pyactadd.extract.pairs import Pair, extract_pairs, last_token_activations, load_pairs
+from pyactadd.extract.pairs import extract_pairs, last_token_activations
+from pyactadd.prompts.pairs import Pair, load_pairs
 from pyactadd.prompts.tokens import Tokenizer
 from pyactadd.vector.value import SteeringVector
 from helpers.vector_files import assert_clean_error
@@ -183,7 +184,7 @@ def test_actadd_zero_outliers():
         warned = extract_pairs([("Love", "Hate"), ("Joy", "Pain")], [15], method="actadd")
     assert np.any(warned.layers[15][0])
     zeroed = extract_pairs([("Love", "Hate"), ("Joy", "Pain")], [15], method="actadd", zero_outliers=True)
-    assert not np.any(zeroed.layers[15][0]) and json.loads(zeroed.extra["zeroed_rows"]) == {"15": [0]}
+    assert not np.any(zeroed.layers[15][0]) and zeroed.zeroed_rows == {15: [0]}
 
 
 # --- the masked recorder ---------------------------------------------------------------------

@@ -47,7 +47,7 @@ from helpers.llama_cpp_loader import (
     LLAMA_CPP_PYTHON_VERSION,
     SDIST_SHA256,
     LoaderUnavailable,
-    _check_installed_version,
+    check_installed_version,
     llama_cpp_paths,
     sdist_path,
 )
@@ -58,7 +58,7 @@ BUILD_CACHE = ROOT / "build" / "ggml-portable"
 GGML_MEMBER_PREFIX = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/ggml/"
 SONAME = "libggml-cpu.so.0"
 
-# What llama-cpp-python 0.3.36 builds ggml with (its CMakeLists.txt, llama.cpp's, and
+# What the pinned llama-cpp-python builds ggml with (its CMakeLists.txt, llama.cpp's, and
 # scikit-build-core's Release build type), as the installed libggml-cpu shows: soname
 # libggml-cpu.so.0 linked to libggml-base.so.0 (GGML_BACKEND_DL off, shared libraries),
 # NEEDED libgomp.so.1 (OpenMP), llamafile's sgemm and the repacked Q4_0 kernels in.
@@ -215,7 +215,7 @@ def _installed_ggml_cpu() -> tuple[Path, Path]:
 def build_portable_ggml_cpu() -> Path:
     """Directory holding the portable ``libggml-cpu.so.0``, building it when not cached."""
     try:
-        _check_installed_version()  # the sdist's ggml must be the installed wheel's
+        check_installed_version()  # the sdist's ggml must be the installed wheel's
     except LoaderUnavailable as exc:
         raise PortableGgmlUnavailable(str(exc)) from exc
     lib, _ = _installed_ggml_cpu()

@@ -37,9 +37,12 @@ from pathlib import Path
 import numpy as np
 
 from pyactadd.extract.torch_model import cache_root
+from pyactadd.native import llama_cpp_python_pin
 
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-# Pinned so the loader source cannot change under the tests; pip also checks PyPI's hash.
+# The version pyproject.toml pins (read through pyactadd's metadata, never written here).
+LLAMA_CPP_PYTHON_VERSION = llama_cpp_python_pin()
+# The sdist of that version, pinned so the loader source cannot change under the tests
+# (pip also checks PyPI's hash): update it together with the pin in pyproject.toml.
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 SDIST_FILE = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 _COMMON_DIR = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/common"
@@ -119,13 +122,15 @@ def llama_cpp_paths() -> tuple[Path, Path]:
     return include, lib
 
 
-def _check_installed_version() -> None:
-    # The loader source must come from the same llama.cpp as the libraries it links.
+def check_installed_version() -> None:
+    """Raise LoaderUnavailable unless the installed llama-cpp-python is the pinned one:
+    the loader source must come from the same llama.cpp as the libraries it links."""
     installed = importlib.metadata.version("llama-cpp-python")
     if installed != LLAMA_CPP_PYTHON_VERSION:
         raise LoaderUnavailable(
             f"llama-cpp-python {installed} is installed but the loader test is pinned to "
-            f"{LLAMA_CPP_PYTHON_VERSION}: update LLAMA_CPP_PYTHON_VERSION and SDIST_SHA256 in {__file__}"
+            f"{LLAMA_CPP_PYTHON_VERSION} (pyproject.toml): install the pinned one, or update SDIST_SHA256 in {__file__} "
+            "together with the pin"
         )
 
 
@@ -180,7 +185,7 @@ def read_common_sources(sdist: Path) -> tuple[str, str]:
     wanted = {COMMON_CPP: None, COMMON_H: None}
     try:
         with tarfile.open(sdist, "r:gz") as tar:
-            # One pass over the archive; getmember() would scan all 76 MB once per name.
+            # One pass over the archive; getmember() would scan the whole archive once per name.
             for member in tar:
                 if member.name in wanted and member.isfile():
                     wanted[member.name] = tar.extractfile(member).read().decode("utf-8")
@@ -257,7 +262,7 @@ def loader_source(common_cpp: str, common_h: str) -> str:
 
 def build_loader() -> Path:
     """Path of the compiled loader binary, building it (and fetching the sdist) when not cached."""
-    _check_installed_version()
+    check_installed_version()
     include, lib = llama_cpp_paths()
     source = loader_source(*read_common_sources(sdist_path()))
     compiler = os.environ.get("CXX", "c++")

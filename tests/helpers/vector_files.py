@@ -4,6 +4,7 @@ the vector, extract and fuzz tests."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -18,6 +19,29 @@ from pyactadd.vector import ModelFingerprint, SteeringVector
 N_EMBD = 16
 SMOL = ModelFingerprint(architecture="llama", n_embd=576, n_layer=30, n_vocab=49152)
 FAKE = ModelFingerprint(architecture="llama", n_embd=N_EMBD, n_layer=30, n_vocab=49152)
+
+
+def stock_loader() -> Path:
+    """llama.cpp's own control-vector loader (built once); a build failure fails the test, never skips it."""
+    import pytest
+
+    from helpers.llama_cpp_loader import LoaderUnavailable, build_loader
+
+    try:
+        return build_loader()
+    except LoaderUnavailable as exc:
+        pytest.fail(f"llama.cpp's control-vector loader is unavailable: {exc}", pytrace=False)
+
+
+@functools.lru_cache(maxsize=None)
+def default_target():
+    """The default model as ``inspect_file``'s TargetModel (what ``pyactadd inspect`` checks without --model)."""
+    from pyactadd.default_model import default_model_path
+    from pyactadd.prompts.tokens import fingerprint_of
+    from pyactadd.vector.convert import TargetModel
+
+    path = default_model_path()
+    return TargetModel(str(path), fingerprint_of(path))
 
 
 def rows(seed: int, n_positions: int | None = None, width: int = N_EMBD) -> np.ndarray:

@@ -12,7 +12,8 @@ import llama_cpp
 
 from pyactadd.cli import main
 from pyactadd.measure.evaluation import evaluate, shipped_text
-from pyactadd.measure.perplexity import BatchScorer, Perplexity, float32_copy, read_sentences
+from pyactadd.measure.perplexity import BatchScorer, Perplexity, float32_copy
+from pyactadd.prompts.files import read_sentences
 from pyactadd.runtime.steering import Steering
 
 N_SENTENCES = 10

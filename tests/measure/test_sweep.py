@@ -10,7 +10,6 @@ sweep's float32 copy.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 
@@ -23,7 +22,7 @@ from hypothesis import strategies as st
 from pyactadd.cli import main
 from pyactadd.errors import InputError
 from pyactadd.measure.evaluation import shipped_text
-from pyactadd.measure.perplexity import read_sentences
+from pyactadd.prompts.files import read_sentences
 from pyactadd.measure.sweep import (
     Cell,
     SweepResult,

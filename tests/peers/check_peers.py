@@ -117,8 +117,7 @@ def peer_model_dir(gguf_path: Path) -> Path:
     from pyactadd.extract import torch_model
 
     torch_model.load_torch_model(gguf_path, progress=True)  # converts once into pyactadd's cache
-    root = torch_model.cache_root()
-    entry = root / "torch" / torch_model._gguf_key(root, gguf_path, gguf_path.stat())
+    entry = torch_model.cache_entry(gguf_path)
     if not (entry / "model.safetensors").is_file():
         raise SystemExit(f"peers: pyactadd's converted weights are not in {entry}: is the cache directory writable?")
     target = WORK / "model"
@@ -214,7 +213,8 @@ def main() -> int:
     from pyactadd.vector.convert import load, read_vector
     from pyactadd.default_model import default_model_path
     from pyactadd.runtime.generate import load_llama, prompt_tokens
-    from pyactadd.extract.pairs import extract_pairs, last_token_activations, load_pairs
+    from pyactadd.extract.pairs import extract_pairs, last_token_activations
+    from pyactadd.prompts.pairs import load_pairs
     from pyactadd.runtime.steering import Steering
     from pyactadd.prompts.tokens import Tokenizer
     from pyactadd.vector.value import SteeringVector

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -10,9 +12,9 @@ from pyactadd.extract.pipeline import extract
 from pyactadd.runtime.generate import Sampling, complete, load_llama, prompt_tokens, run
 from helpers.scoring import next_token_logprobs
 from pyactadd.runtime.steering import Steering
+from pyactadd.vector.value import SteeringVector
 
-# Word sets fixed in advance; at block 6, c = 2 every positive word gained 0.6 to 2.6 nats
-# and every negative word lost 0.9 to 1.6 when measured on this model.
+# Word sets fixed in advance, before looking at how much each one moves.
 POSITIVE_WORDS = [" love", " beautiful", " wonderful", " amazing", " kind"]
 NEGATIVE_WORDS = [" stupid", " ugly", " bad", " evil", " angry"]
 
@@ -87,3 +89,49 @@ def test_run_compare_uses_same_seed(llama, love_hate):
     second = run(llama, "I hate you because", [(love_hate, 5.0)], sampling, compare=True)
     assert first == second
     assert first["unsteered"] != first["steered"]
+
+
+def _shifted(vector: SteeringVector, n_rows: int, length: int) -> np.ndarray:
+    """The vector's layer-6 rows placed from position ``n_rows`` in a front-aligned block of ``length`` rows."""
+    rows = np.zeros((length, vector.n_embd), dtype=np.float32)
+    own = vector.layers[6]
+    rows[n_rows:n_rows + len(own)] = own
+    return rows
+
+
+def test_each_item_is_placed_by_its_own_alignment(llama, love_hate):
+    """(vector, coeff, align) items mix alignments in one set(); the result matches one
+    front-aligned vector holding both placements (an independent construction)."""
+    steering = Steering.of(llama)
+    ids = prompt_tokens(llama, "I hate you so much because")
+    n, rows = len(ids), love_hate.n_positions
+    back = dataclasses.replace(love_hate, alignment="back", extra=dict(love_hate.extra))
+
+    steering.set([(love_hate, 3.0, "front"), (back, 2.0)], prompt_length=n)
+    assert [(a.align, a.offset) for a in steering.applied] == [("front", 0), ("back", n - rows)]
+    mixed = last_logprobs(llama, ids)
+
+    both = _shifted(love_hate, 0, n) * 3.0 + _shifted(love_hate, n - rows, n) * 2.0
+    reference = SteeringVector(layers={6: both}, fingerprint=love_hate.fingerprint, alignment="front")
+    steering.set([(reference, 1.0)], prompt_length=n)
+    expected = last_logprobs(llama, ids)
+    steering.clear()
+    assert not np.allclose(expected, last_logprobs(llama, ids), atol=1e-2), "the steering must matter"
+    np.testing.assert_allclose(mixed, expected, atol=1e-3)
+
+
+def test_align_overrides_every_item(llama, love_hate):
+    steering = Steering.of(llama)
+    steering.set([(love_hate, 1.0, "back"), (love_hate, 1.0, 2)], align=1, prompt_length=6)
+    assert [(a.align, a.offset) for a in steering.applied] == [(1, 1), (1, 1)]
+    steering.set([(love_hate, 1.0, 3), (love_hate, 1.0)], prompt_length=6)
+    assert [(a.align, a.offset) for a in steering.applied] == [(3, 3), ("front", 0)]
+    steering.clear()
+
+
+def test_all_and_per_position_items_mix_in_the_runtime(llama, love_hate):
+    steering = Steering.of(llama)
+    row = SteeringVector(layers={6: love_hate.layers[6][-1:].copy()}, fingerprint=love_hate.fingerprint, alignment="all")
+    with steering.steer([(row, 2.0), (love_hate, 2.0, "front")]):
+        assert [(a.align, a.offset) for a in steering.applied] == [("all", None), ("front", 0)]
+    assert steering.applied == ()

@@ -220,6 +220,36 @@ def test_mixed_alignments_and_multi_turn_chat(server, client):
     assert " 7" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
 
 
+def test_run_mixes_stored_alignments_as_the_server_does(server, client, vectors_dir, love, tmp_path):
+    """`pyactadd run --steer a.gguf:5 --steer b.gguf:3` with files of different stored
+    alignments generates what the server generates for the same mix (greedy, same seed),
+    and `--align` overrides every file as a request's align on every item does."""
+    back_file = tmp_path / "love_back.gguf"
+    SteeringVector(layers=love.layers, fingerprint=love.fingerprint, alignment="back").save(back_file)
+    status, _, _ = request(
+        server.url, "PUT", "/v1/steering/vectors/love_back", back_file.read_bytes(), {"Content-Type": "application/octet-stream"}
+    )
+    assert status == 201
+    prompt, settings = "I hate you because", dict(max_tokens=10, temperature=0.0, seed=4)
+    flags = ["--max-tokens", "10", "--temperature", "0", "--seed", "4"]
+    files = ["--steer", f"{vectors_dir / 'love.gguf'}:5", "--steer", f"{back_file}:3"]
+    try:
+        expected = cli_run(prompt, *files, "--compare", *flags)
+        assert expected["steered"] != expected["unsteered"]
+        mix = {"steering": [{"vector": "love", "coeff": 5}, {"vector": "love_back", "coeff": 3}]}
+        got = client.completions.create(model="any", prompt=prompt, extra_body=mix, **settings)
+        assert [s["align"] for s in got.model_extra["steering"]] == ["front", "back"]
+        assert got.choices[0].text == expected["steered"]
+
+        overridden = cli_run(prompt, *files, "--align", "1", *flags)["steered"]
+        both = {"steering": [{"vector": "love", "coeff": 5, "align": 1}, {"vector": "love_back", "coeff": 3, "align": 1}]}
+        got = client.completions.create(model="any", prompt=prompt, extra_body=both, **settings)
+        assert [s["offset"] for s in got.model_extra["steering"]] == [1, 1]
+        assert got.choices[0].text == overridden
+    finally:
+        request(server.url, "DELETE", "/v1/steering/vectors/love_back")
+
+
 def test_sse_wire_format(server):
     for path, body, kind in (
         ("/v1/completions", {"prompt": "Hello", "max_tokens": 4, "seed": 0, "stream": True, **steer("love", 2)}, "text_completion"),
@@ -502,3 +532,17 @@ def test_full_queue_answers_503_and_disconnect_cancels(strict_server):
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["rejected"] == before["rejected"] + 1
     assert after["running"] == 0 and after["waiting"] == 0
+
+
+def test_listen_reports_the_port_and_refuses_a_busy_one():
+    from pyactadd.errors import InputError
+    from pyactadd.server import process
+
+    with process.listen("127.0.0.1", 0) as sock:
+        port = sock.getsockname()[1]
+        assert process.url_of(sock) == f"http://127.0.0.1:{port}"
+        with pytest.raises(InputError, match=f"cannot listen on 127.0.0.1:{port}"):
+            process.listen("127.0.0.1", port).close()
+        inherited = process.listen("ignored", 0, fd=sock.fileno())
+        assert inherited.getsockname() == sock.getsockname()
+        inherited.detach()  # the fd stays sock's

@@ -25,6 +25,7 @@ from gguf import GGUFValueType
 from pyactadd.cli import main
 from pyactadd.vector.convert import load, read_vector, reduce_vector, save_vector
 from pyactadd.errors import InputError, ModelMismatchError, SteeringFileError
+from pyactadd.prompts.tokens import fingerprint_of
 from pyactadd.vector.value import ModelFingerprint, SteeringVector
 
 from helpers.vector_files import (
@@ -36,6 +37,7 @@ from helpers.vector_files import (
     keys_of,
     per_position_vector,
     rows,
+    stock_loader,
     write_cvector_generator,
     write_repeng,
 )
@@ -46,12 +48,7 @@ from helpers.vector_files import (
 
 @pytest.fixture(scope="module")
 def loader():
-    from helpers.llama_cpp_loader import LoaderUnavailable, build_loader
-
-    try:
-        return build_loader()
-    except LoaderUnavailable as exc:
-        pytest.fail(f"llama.cpp's control-vector loader is unavailable: {exc}", pytrace=False)
+    return stock_loader()
 
 
 def test_round_trip_through_stock_llama_cpp_keeps_values_exactly(tmp_path, loader, default_model_path):
@@ -360,11 +357,11 @@ def test_tensor_outputs_round_trip(tmp_path, suffix):
 def test_model_check_and_fingerprint(tmp_path, default_model_path):
     narrow = _save("npz", tmp_path / "narrow.npz", {"3": rows(3)})
     with pytest.raises(ModelMismatchError, match="width 16"):
-        load(narrow, layer_convention="block-output", model=default_model_path)
+        load(narrow, layer_convention="block-output", model=fingerprint_of(default_model_path))
     wide = _save("npz", tmp_path / "wide.npz", {"5": rows(5, width=576), "29": rows(29, width=576)})
     with pytest.raises(ModelMismatchError, match="--layer"):
-        load(wide, layer_convention="block-output", model=default_model_path)  # block 29's output is L 30
-    vector = read_vector(wide, layer_convention="block-output", model=default_model_path, layers=[6])
+        load(wide, layer_convention="block-output", model=fingerprint_of(default_model_path))  # block 29's output is L 30
+    vector = read_vector(wide, layer_convention="block-output", model=fingerprint_of(default_model_path), layers=[6])
     assert vector.fingerprint == SMOL and vector.layer_ids == [6]
     out = tmp_path / "fitted.gguf"
     save_vector(vector, out)

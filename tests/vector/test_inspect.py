@@ -12,7 +12,7 @@ from pyactadd.cli import main
 from pyactadd.vector.convert import inspect_file
 from pyactadd.errors import SteeringFileError
 from pyactadd.vector.value import ModelFingerprint, SteeringVector
-from helpers.vector_files import assert_clean_error, rows, write_cvector_generator, write_repeng
+from helpers.vector_files import assert_clean_error, default_target, rows, write_cvector_generator, write_repeng
 
 SMOL = ModelFingerprint(architecture="llama", n_embd=576, n_layer=30, n_vocab=49152)
 
@@ -70,7 +70,7 @@ def test_pyactadd_file_text(love):
 
 def test_stock_repeng_file(tmp_path):
     path = write_repeng(tmp_path / "r.gguf", {i: rows(i, width=576) / 10 for i in (3, 29)})
-    report = inspect_file(path)
+    report = inspect_file(path, model=default_target())
     assert report["producer"] == "repeng" and report["llama_cpp"] == {"loadable": True, "reason": None}
     assert report["layers"]["block_input"] == [4, 30]
     # Block 29's output (llama.cpp's last control-vector layer) has no pyactadd block input on a 30-block model.
@@ -79,7 +79,7 @@ def test_stock_repeng_file(tmp_path):
 
 def test_cvector_generator_file(tmp_path):
     path = write_cvector_generator(tmp_path / "c.gguf", [rows(i, width=576) for i in range(29)])
-    report = inspect_file(path)
+    report = inspect_file(path, model=default_target())
     assert report["producer"] == "cvector-generator"
     assert report["cvector_generator"]["computed_at_block_input"] == list(range(1, 30))
     assert report["cvector_generator"]["llama_cpp_applies_at_block_input"] == list(range(2, 31))
@@ -87,7 +87,7 @@ def test_cvector_generator_file(tmp_path):
     assert any("--shift-layers" in note for note in report["notes"])
     assert all(abs(t["row_norms"][0] - 1) < 1e-5 for t in report["tensors"])
     assert report["llama_cpp"]["loadable"] is True
-    shifted = inspect_file(path, shift_layers=True)
+    shifted = inspect_file(path, shift_layers=True, model=default_target())
     assert shifted["layers"]["block_input"] == list(range(1, 30))
     assert shifted["fits"]["fits"] is True
     assert shifted["llama_cpp"]["loadable"] is True  # about the file as stored, not the shifted reading
@@ -98,10 +98,10 @@ def test_cvector_generator_file(tmp_path):
 def test_tensor_file_with_and_without_convention(tmp_path):
     path = tmp_path / "sv.npz"
     np.savez(path, **{"5": rows(5, width=576), "7": rows(7, width=576)})
-    unknown = inspect_file(path)
+    unknown = inspect_file(path, model=default_target())
     assert unknown["layers"] is None and "--layer-convention" in unknown["notes"][0]
     assert [t["name"] for t in unknown["tensors"]] == ["5", "7"] and unknown["fits"]["fits"] is True
-    known = inspect_file(path, layer_convention="block-output")
+    known = inspect_file(path, layer_convention="block-output", model=default_target())
     assert known["layers"]["block_input"] == [6, 8] and known["layers"]["file_names"] == ["5", "7"]
     assert known["llama_cpp"]["loadable"] is False and "pyactadd convert" in known["llama_cpp"]["reason"]
     result = invoke("inspect", path, "--layer-convention", "block-input", "--json")
@@ -110,8 +110,14 @@ def test_tensor_file_with_and_without_convention(tmp_path):
 
 def test_other_model_does_not_fit(tmp_path):
     path = write_repeng(tmp_path / "narrow.gguf", {3: rows(3)})
-    report = inspect_file(path)
+    report = inspect_file(path, model=default_target())
     assert report["fits"]["fits"] is False and "n_embd 16" in report["fits"]["reason"]
+
+
+def test_without_a_model_the_fit_is_unknown(tmp_path):
+    path = write_repeng(tmp_path / "r.gguf", {3: rows(3)})
+    report = inspect_file(path)
+    assert report["fits"] == {"model": None, "fits": None, "reason": "no model given to check against"}
 
 
 def test_errors(tmp_path):

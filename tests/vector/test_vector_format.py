@@ -14,8 +14,10 @@ from gguf import GGUFValueType
 
 from pyactadd.vector import gguf_file as gguf_format
 from pyactadd.errors import InputError, ModelMismatchError, SteeringFileError
-from pyactadd.vector.gguf_file import describe, read_steering_file, write_steering_file
+from pyactadd.vector.convert import inspect_file
+from pyactadd.vector.gguf_file import write_steering_file
 from pyactadd.vector.value import ModelFingerprint, SteeringVector
+
 
 N_EMBD = 16
 FINGERPRINT = ModelFingerprint(architecture="llama", n_embd=N_EMBD, n_layer=30, n_vocab=49152)
@@ -117,12 +119,37 @@ def test_round_trip_of_minimal_vector_keeps_unknowns(tmp_path: Path) -> None:
     fingerprint = ModelFingerprint(architecture=None, n_embd=N_EMBD, n_layer=None, n_vocab=None)
     vector = make_vector(1, layers=(2,), fingerprint=fingerprint)
     path = tmp_path / "v.gguf"
-    write_steering_file(vector, path)
-    loaded = read_steering_file(path)
+    vector.save(path)
+    loaded = SteeringVector.load(path)
     assert loaded == vector
     assert loaded.fingerprint == fingerprint
     assert loaded.model_hint is None and loaded.positive is None and loaded.positive_ids is None
     assert loaded.anchor_id is None and loaded.pad_id is None
+
+
+def test_zeroed_rows_is_a_typed_field_stored_as_before(tmp_path: Path) -> None:
+    vector = make_vector(3, extra={"method": "actadd"}, zeroed_rows={7: [2, 0], 3: [1]})
+    assert vector.zeroed_rows == {7: [0, 2], 3: [1]} and "zeroed_rows" not in vector.extra
+    path = tmp_path / "v.gguf"
+    vector.save(path)
+    reader = gguf.GGUFReader(path)
+    keys = [name for name in reader.fields if name.startswith("pyactadd.extra.")]
+    assert keys == ["pyactadd.extra.method", "pyactadd.extra.zeroed_rows"]  # the key and place extraction used
+    assert reader.get_field("pyactadd.extra.zeroed_rows").contents() == '{"7": [0, 2], "3": [1]}'
+    loaded = SteeringVector.load(path)
+    assert loaded.zeroed_rows == {7: [0, 2], 3: [1]} and loaded.extra == {"method": "actadd"}
+    assert (loaded * 2).zeroed_rows == loaded.zeroed_rows
+    with pytest.raises(InputError, match="zeroed_rows is a field"):
+        make_vector(extra={"zeroed_rows": "{}"})
+    with pytest.raises(InputError, match="zeroed_rows"):
+        make_vector(zeroed_rows={3: [-1]})
+
+
+def test_corrupt_zeroed_rows_is_a_steering_error(tmp_path: Path) -> None:
+    path = write_with_overrides(
+        tmp_path / "x.gguf", make_vector(3), {"pyactadd.extra.zeroed_rows": ("[1, 2", GGUFValueType.STRING)}
+    )
+    assert_steering_error(path, "pyactadd.extra.zeroed_rows is not a JSON object")
 
 
 def test_single_row_file_has_llama_cpp_layout(tmp_path: Path) -> None:
@@ -144,7 +171,7 @@ def test_single_row_file_has_llama_cpp_layout(tmp_path: Path) -> None:
     assert reader.get_field("pyactadd.layout").contents() == "vector"
     assert reader.get_field("pyactadd.layers.block_output").contents() == [2, 6]
     assert reader.get_field("pyactadd.layers.block_input").contents() == [3, 7]
-    assert describe(path)["llama_cpp"] == {"loadable": True, "reason": None}
+    assert inspect_file(path)["llama_cpp"] == {"loadable": True, "reason": None}
 
 
 def test_per_position_file_is_2d_with_ne_reversed(tmp_path: Path) -> None:
@@ -157,16 +184,16 @@ def test_per_position_file_is_2d_with_ne_reversed(tmp_path: Path) -> None:
     assert tensor.data.shape == (5, N_EMBD)
     assert reader.get_field("pyactadd.layout").contents() == "per_position"
     assert reader.get_field("pyactadd.n_positions").contents() == 5
-    info = describe(path)
-    assert info["layout"] == "per_position" and info["format"] == "pyactadd" and info["format_version"] == 1
-    assert info["layers"] == {"block_input": [3, 7], "block_output": [2, 6]}
-    assert info["tensors"][0] == {"name": "direction.2", "type": "F32", "shape": [5, N_EMBD]}
+    info = inspect_file(path)
+    assert info["layout"] == "per_position" and info["producer"] == "pyactadd" and info["format_version"] == 1
+    assert {k: info["layers"][k] for k in ("block_input", "block_output")} == {"block_input": [3, 7], "block_output": [2, 6]}
+    assert {k: info["tensors"][0][k] for k in ("name", "type", "shape")} == {"name": "direction.2", "type": "F32", "shape": [5, N_EMBD]}
     assert info["llama_cpp"]["loadable"] is False
 
 
 def test_stock_llama_cpp_file_loads_as_all_aligned(tmp_path: Path) -> None:
     path = stock_file(tmp_path / "stock.gguf")
-    vector = read_steering_file(path)
+    vector = SteeringVector.load(path)
     assert vector.layer_ids == [6]
     assert vector.alignment == "all"
     assert vector.source == "llama.cpp"
@@ -175,12 +202,13 @@ def test_stock_llama_cpp_file_loads_as_all_aligned(tmp_path: Path) -> None:
     assert vector.fingerprint == ModelFingerprint("llama", N_EMBD, None, None)
     assert vector.model_hint == "llama"
     np.testing.assert_array_equal(vector.layers[6][0], np.arange(N_EMBD, dtype=np.float32) / 10)
-    info = describe(path)
-    assert info["format"] == "llama.cpp" and info["format_version"] is None and info["layout"] == "vector"
+    info = inspect_file(path)
+    # A stock file (source "llama.cpp"); gguf-py with only these keys is repeng's layout.
+    assert info["producer"] == "repeng" and info["format_version"] is None and info["layout"] == "vector"
 
 
 def test_stock_file_checks_only_width_and_layers(tmp_path: Path) -> None:
-    vector = read_steering_file(stock_file(tmp_path / "stock.gguf", hint="mistral"))
+    vector = SteeringVector.load(stock_file(tmp_path / "stock.gguf", hint="mistral"))
     vector.check_fits(ModelFingerprint("llama", N_EMBD, 32, 32000))  # repeng-style hint is ignored
     with pytest.raises(ModelMismatchError, match="n_embd 16"):
         vector.check_fits(ModelFingerprint("llama", 32, 32, 32000))
@@ -190,7 +218,7 @@ def test_stock_file_checks_only_width_and_layers(tmp_path: Path) -> None:
 
 def test_f16_tensors_are_converted(tmp_path: Path) -> None:
     data = (np.arange(N_EMBD) / 4).astype(np.float16)
-    vector = read_steering_file(stock_file(tmp_path / "f16.gguf", {"direction.1": data}))
+    vector = SteeringVector.load(stock_file(tmp_path / "f16.gguf", {"direction.1": data}))
     assert vector.layers[2].dtype == np.float32
     np.testing.assert_array_equal(vector.layers[2][0], data.astype(np.float32))
 
@@ -325,7 +353,7 @@ def test_fingerprint_mismatch_and_check_fits() -> None:
 
 def assert_steering_error(path: Path, *fragments: str) -> SteeringFileError:
     with pytest.raises(SteeringFileError) as excinfo:
-        read_steering_file(path)
+        SteeringVector.load(path)
     message = str(excinfo.value)
     assert "\n" not in message
     for fragment in fragments:
@@ -585,7 +613,7 @@ def test_random_corruption_loads_or_raises_steering_error(valid_bytes: bytes, sc
         corrupted = corrupted[: data.draw(st.integers(0, len(corrupted)))]
     scratch.write_bytes(bytes(corrupted))
     try:
-        result = read_steering_file(scratch)
+        result = SteeringVector.load(scratch)
     except SteeringFileError as exc:
         assert "\n" not in str(exc)
     else:

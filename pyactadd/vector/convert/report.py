@@ -1,19 +1,35 @@
-"""``pyactadd inspect``: what a steering file is, where its layers go, and who can load it."""
+"""``pyactadd inspect``: what a steering file is, where its layers go, and who can load it.
+
+The model a file is checked against comes in as a :class:`TargetModel` (a fingerprint the
+caller read, or why there is none): reading models is a later stage's job.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pyactadd.errors import InputError, ModelMismatchError, PyactaddError
-from pyactadd.vector.gguf_file import TensorRecord, llama_cpp_loadable
+from pyactadd.errors import InputError, ModelMismatchError
+from pyactadd.vector.fingerprint import ModelFingerprint
+from pyactadd.vector.gguf_file import TensorRecord, stock_problem
 from pyactadd.vector.layers import to_llama_index
+from pyactadd.vector.value import SteeringVector
 from pyactadd.vector.convert.reading import Loaded, load
 from pyactadd.vector.convert.tensor_files import describe_metadata, read_tensor_file, sniff
+
+
+@dataclass(frozen=True)
+class TargetModel:
+    """The model :func:`inspect_file` checks a file against."""
+
+    name: str | None  # what the report names (the model's path)
+    fingerprint: ModelFingerprint | None
+    problem: str | None = None  # why the fingerprint is unknown
 
 
 def inspect_file(
@@ -23,14 +39,14 @@ def inspect_file(
     shift_layers: bool = False,
     layers: list[int] | None = None,
     stacked: bool = False,
-    model: str | os.PathLike[str] | None = None,
+    model: TargetModel | None = None,
 ) -> dict[str, Any]:
     """Describe any steering file pyactadd reads, as plain data (``pyactadd inspect --json``).
 
     A tensor file whose layer convention is unknown is still described (names, shapes,
     norms), with ``layers`` set to ``None`` and a note asking for ``--layer-convention``.
-    ``model`` (default: the bundled default model, when installed) is the model the
-    ``fits`` entry checks.
+    ``model`` is the model the ``fits`` entry checks (``pyactadd inspect`` passes
+    ``--model`` or the default model); without it the fit is unknown.
 
     Raises:
         SteeringFileError: the file cannot be read.
@@ -47,7 +63,7 @@ def inspect_file(
     return _mapped(file, loaded, model)
 
 
-def _mapped(file: Path, loaded: Loaded, model: str | os.PathLike[str] | None) -> dict[str, Any]:
+def _mapped(file: Path, loaded: Loaded, model: TargetModel | None) -> dict[str, Any]:
     vector = loaded.vector
     norms = {layer: np.linalg.norm(r.astype(np.float64), axis=1) for layer, r in vector.layers.items()}
     tensors = []
@@ -56,15 +72,7 @@ def _mapped(file: Path, loaded: Loaded, model: str | os.PathLike[str] | None) ->
         name = loaded.file_keys.get(layer, "")
         stored = by_name.get(name, {"name": name, "type": "float32", "shape": list(vector.layers[layer].shape)})
         tensors.append({**stored, "block_input": layer, "block_output": to_llama_index(layer), "row_norms": norms[layer].tolist()})
-    if loaded.kind == "gguf":
-        # As stored: --shift-layers and --layer change what pyactadd reads, not the file llama.cpp would load.
-        records = []
-        for t in loaded.tensors:
-            il = int(t["name"].split(".", 1)[1])
-            records.append(TensorRecord(t["name"], il, il + 1, t["type"], tuple(t["shape"])))
-        loadable, reason = llama_cpp_loadable(records)
-    else:
-        loadable, reason = False, f"a {loaded.kind} file is not GGUF: `pyactadd convert {file.name} OUT.gguf --llama-cpp ...`"
+    loadable, reason = _stock_verdict(file, loaded)
     report: dict[str, Any] = {
         "path": str(file),
         "kind": loaded.kind,
@@ -92,23 +100,33 @@ def _mapped(file: Path, loaded: Loaded, model: str | os.PathLike[str] | None) ->
         "llama_cpp": {"loadable": loadable, "reason": reason},
     }
     if loaded.origin is not None and loaded.origin.producer == "cvector-generator":
-        shifted = _shifted(vector)
-        applied = [layer + 1 for layer in vector.layer_ids] if shifted else vector.layer_ids
-        computed = vector.layer_ids if shifted else [layer - 1 for layer in vector.layer_ids]
-        report["cvector_generator"] = {
-            "shifted": shifted,
-            "computed_at_block_input": computed,
-            "llama_cpp_applies_at_block_input": applied,
-            "n_layer_hint": loaded.origin.n_layer_hint,
-        }
+        report["cvector_generator"] = _cvector_generator(vector, loaded.origin.n_layer_hint)
     return report
 
 
-def _shifted(vector) -> bool:
-    return "shifted_layers" in vector.extra
+def _stock_verdict(file: Path, loaded: Loaded) -> tuple[bool, str | None]:
+    """Whether stock llama.cpp loads the file as stored (--shift-layers and --layer change only pyactadd's reading)."""
+    if loaded.kind != "gguf":
+        return False, f"a {loaded.kind} file is not GGUF: `pyactadd convert {file.name} OUT.gguf --llama-cpp ...`"
+    records = []
+    for t in loaded.tensors:
+        il = int(t["name"].split(".", 1)[1])
+        records.append(TensorRecord(t["name"], il, il + 1, t["type"], tuple(t["shape"])))
+    reason = stock_problem(records)
+    return reason is None, reason
 
 
-def _unmapped(file: Path, kind: str, why: str, model) -> dict[str, Any]:
+def _cvector_generator(vector: SteeringVector, n_layer_hint: int | None) -> dict[str, Any]:
+    shifted = "shifted_layers" in vector.extra
+    return {
+        "shifted": shifted,
+        "computed_at_block_input": vector.layer_ids if shifted else [layer - 1 for layer in vector.layer_ids],
+        "llama_cpp_applies_at_block_input": [layer + 1 for layer in vector.layer_ids] if shifted else vector.layer_ids,
+        "n_layer_hint": n_layer_hint,
+    }
+
+
+def _unmapped(file: Path, kind: str, why: str, model: TargetModel | None) -> dict[str, Any]:
     found = read_tensor_file(file, kind)
     tensors = []
     for entry in found.entries:
@@ -148,16 +166,12 @@ def _unmapped(file: Path, kind: str, why: str, model) -> dict[str, Any]:
     }
 
 
-def _fits(n_embd: int, vector, model) -> dict[str, Any]:
-    from pyactadd.default_model import resolve_model
-    from pyactadd.prompts.tokens import fingerprint_of
-
-    try:
-        model_path = resolve_model(model)
-        fingerprint = fingerprint_of(model_path)
-    except PyactaddError as exc:
-        return {"model": None if model is None else str(model), "fits": None, "reason": str(exc)}
-    result = {"model": str(model_path), "model_fingerprint": dataclasses.asdict(fingerprint)}
+def _fits(n_embd: int, vector: SteeringVector | None, model: TargetModel | None) -> dict[str, Any]:
+    if model is None or model.fingerprint is None:
+        reason = "no model given to check against" if model is None else model.problem
+        return {"model": None if model is None else model.name, "fits": None, "reason": reason}
+    fingerprint = model.fingerprint
+    result = {"model": model.name, "model_fingerprint": dataclasses.asdict(fingerprint)}
     if vector is None:
         ok = n_embd == fingerprint.n_embd
         reason = None if ok else f"width {n_embd} != the model's n_embd {fingerprint.n_embd}"
@@ -206,14 +220,7 @@ def render_text(report: dict[str, Any], *, max_norms: int = 8) -> str:
         )
     else:
         lines.append(f"layout      unknown until the layer convention is known; width {report['n_embd']}")
-    layers = report["layers"]
-    if layers is not None:
-        lines.append(f"layers      block input L (pyactadd):        {_ints(layers['block_input'])}")
-        lines.append(f"            block output il (llama.cpp):     {_ints(layers['block_output'])}")
-    if "cvector_generator" in report:
-        info = report["cvector_generator"]
-        lines.append(f"            computed at block input:         {_ints(info['computed_at_block_input'])}")
-        lines.append(f"            llama.cpp applies at block input: {_ints(info['llama_cpp_applies_at_block_input'])}")
+    lines += _layer_lines(report)
     prompts = report["prompts"]
     if prompts["positive"] is not None or prompts["negative"] is not None:
         lines.append(f"prompts     {prompts['positive']!r} - {prompts['negative']!r}")
@@ -229,7 +236,7 @@ def render_text(report: dict[str, Any], *, max_norms: int = 8) -> str:
         lines.append(f"fits        unknown: {fits['reason']}")
     else:
         verdict = "yes" if fits["fits"] else f"no: {fits['reason']}"
-        lines.append(f"fits        {Path(fits['model']).name}: {verdict}")
+        lines.append(f"fits        {Path(fits['model']).name if fits['model'] else 'the model'}: {verdict}")
     stock = report["llama_cpp"]
     lines.append(f"llama.cpp   {'loads it' if stock['loadable'] else 'refuses it: ' + str(stock['reason'])}")
     lines.append("tensors")
@@ -248,6 +255,19 @@ def render_text(report: dict[str, Any], *, max_norms: int = 8) -> str:
             lines.append(title)
             lines.extend(f"  - {item}" for item in report[key])
     return "\n".join(lines)
+
+
+def _layer_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    layers = report["layers"]
+    if layers is not None:
+        lines.append(f"layers      block input L (pyactadd):        {_ints(layers['block_input'])}")
+        lines.append(f"            block output il (llama.cpp):     {_ints(layers['block_output'])}")
+    if "cvector_generator" in report:
+        info = report["cvector_generator"]
+        lines.append(f"            computed at block input:         {_ints(info['computed_at_block_input'])}")
+        lines.append(f"            llama.cpp applies at block input: {_ints(info['llama_cpp_applies_at_block_input'])}")
+    return lines
 
 
 def _ints(values: list[int]) -> str:

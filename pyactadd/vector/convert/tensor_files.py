@@ -25,7 +25,8 @@ from typing import IO, Any, Callable
 
 import numpy as np
 
-from pyactadd.errors import InputError, PyactaddError, SteeringFileError
+from pyactadd.errors import InputError, SteeringFileError
+from pyactadd.files import atomic_write, one_line, short_reason
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def _zip_kind(path: Path) -> str:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise SteeringFileError(f"{path} is a corrupt zip archive ({_short(exc)}): {_FIX}") from exc
+        raise SteeringFileError(f"{path} is a corrupt zip archive ({short_reason(exc)}): {_FIX}") from exc
     if any(name.endswith("data.pkl") for name in names):
         return "pt"
     if names and all(name.endswith(".npy") for name in names):
@@ -138,17 +139,29 @@ def read_tensor_file(path: str | os.PathLike[str], kind: str | None = None) -> T
             raise SteeringFileError(f"{file} holds {total} bytes of arrays, more than steering rows need: {_FIX}")
         return result
     except SteeringFileError as exc:
-        raise SteeringFileError(_one_line(str(exc))) from exc.__cause__
+        raise SteeringFileError(one_line(str(exc))) from exc.__cause__
     except InputError as exc:
-        raise SteeringFileError(_one_line(f"{file}: {exc}")) from exc
+        raise SteeringFileError(one_line(f"{file}: {exc}")) from exc
     except MemoryError:
         raise SteeringFileError(f"{file} declares arrays too large to load: {_FIX}") from None
     except OSError as exc:
-        raise SteeringFileError(_one_line(f"cannot read {file}: {exc.strerror or exc}")) from exc
+        raise SteeringFileError(one_line(f"cannot read {file}: {exc.strerror or exc}")) from exc
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # the format libraries raise anything on corrupt input (Rust panics included)
-        raise SteeringFileError(_one_line(f"{file} is corrupt ({_short(exc)}): {_FIX}")) from exc
+        raise SteeringFileError(one_line(f"{file} is corrupt ({short_reason(exc)}): {_FIX}")) from exc
+
+
+def _torch(file: Path, what: str) -> Any:
+    """torch, or a one-line error: only .pt files and bfloat16 arrays need it."""
+    try:
+        import torch
+    except ImportError:
+        raise SteeringFileError(
+            f"{file}: reading and writing {what} needs torch, which is not installed: pip install torch, "
+            "or save the arrays as .safetensors or .npz"
+        ) from None
+    return torch
 
 
 def _entry(file: Path, key: str, array: np.ndarray, dtype: str) -> TensorEntry:
@@ -227,7 +240,7 @@ def _read_safetensors(file: Path) -> TensorFile:
             array = handle.get_tensor(key)
             entries.append((key, array, array.dtype.name))
     if bf16:  # numpy has no bfloat16: read those through torch
-        import torch
+        torch = _torch(file, "bfloat16 arrays")
 
         with safe_open(str(file), framework="pt") as handle:
             for key in bf16:
@@ -242,15 +255,14 @@ def _read_safetensors(file: Path) -> TensorFile:
 def _read_pt(file: Path) -> TensorFile:
     import pickle
 
-    import torch
-
+    torch = _torch(file, ".pt files")
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols in corrupt files
             warnings.simplefilter("ignore")
             loaded = torch.load(str(file), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = str(exc).splitlines()
-        hint = next((line.strip() for line in detail if "Unsupported global" in line), _short(exc))
+        hint = next((line.strip() for line in detail if "Unsupported global" in line), short_reason(exc))
         raise SteeringFileError(
             f"{file} holds Python objects that pyactadd does not unpickle, for safety ({hint}): "
             "save a tensor, a list of tensors or a dict of tensors instead, e.g. "
@@ -317,43 +329,11 @@ def write_tensor_file(
             with open(temp, "wb") as handle:
                 np.savez(handle, **arrays)
         else:
-            import torch
-
+            torch = _torch(target, ".pt files")
             payload = {int(k) if k.isdigit() else k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
             torch.save(payload, str(temp))
 
     atomic_write(target, write)
-
-
-def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(temp)`` for a hidden temporary file beside ``target``, then rename it over ``target``."""
-    import secrets
-
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        write(temp)
-        with open(temp, "r+b") as written:
-            os.fsync(written.fileno())
-        os.replace(temp, target)
-    except BaseException as exc:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise SteeringFileError(f"cannot write {target}: {exc.strerror or exc}") from exc
-        if isinstance(exc, PyactaddError) or not isinstance(exc, Exception):
-            raise
-        raise SteeringFileError(f"cannot write {target}: {_short(exc)}") from exc
-
-
-def _short(exc: BaseException, limit: int = 120) -> str:
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _one_line(text: str) -> str:
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def describe_metadata(metadata: dict[str, str]) -> dict[str, Any]:
@@ -367,4 +347,4 @@ def describe_metadata(metadata: dict[str, str]) -> dict[str, Any]:
     return shown
 
 
-__all__ = ["TENSOR_KINDS", "TensorEntry", "TensorFile", "read_tensor_file", "sniff", "write_tensor_file", "atomic_write"]
+__all__ = ["TENSOR_KINDS", "TensorEntry", "TensorFile", "read_tensor_file", "sniff", "write_tensor_file"]

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 from pyactadd.errors import InputError
-from pyactadd.vector.gguf_file import write_steering_file
 from pyactadd.vector.value import SteeringVector
 from pyactadd.vector.convert.conventions import checked_convention, from_block_input
 from pyactadd.vector.convert.reading import CONVENTION_METADATA_KEY
@@ -16,19 +15,16 @@ from pyactadd.vector.convert.tensor_files import write_tensor_file
 OUTPUT_SUFFIXES = (".gguf", ".safetensors", ".npz", ".pt", ".pth")
 
 
-def stock_problem(vector: SteeringVector) -> str | None:
-    """Why llama.cpp's control-vector loader would refuse ``vector`` (with the fix), or ``None``."""
-    if vector.n_positions != 1:
-        return (
-            f"the vector has {vector.n_positions} rows per layer but llama.cpp adds one vector per layer at every "
-            "position: choose a reduction with --reduce row:K|mean|sum"
-        )
-    if 1 in vector.layers:
-        return (
-            "layer 1 would be direction.0, which llama.cpp's loader rejects ('invalid (zero) direction tensor "
-            "layer index'): keep the other layers with --layer"
-        )
-    return None
+def check_output(path: Path) -> str:
+    """Return ``path``'s lower-case suffix if a writer knows it (``.gguf``, ``.safetensors``, ``.npz``, ``.pt``, ``.pth``).
+
+    Raises:
+        InputError: a suffix no writer knows.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise InputError(f"cannot tell the output format of {Path(path).name}: use a .gguf, .safetensors, .npz or .pt file name")
+    return suffix
 
 
 def save_vector(
@@ -40,9 +36,10 @@ def save_vector(
 ) -> None:
     """Write ``vector`` to ``path``; the suffix picks the format. Writes are atomic.
 
-    * ``.gguf``: a pyactadd file (every ``pyactadd.*`` key). With ``llama_cpp``: a stock
-      control vector exactly as repeng and cvector-generator lay it out (no ``pyactadd.*``
-      keys, 1-D F32 ``direction.<L-1>``), which llama.cpp's own loader accepts.
+    * ``.gguf``: :meth:`SteeringVector.save`: a pyactadd file (every ``pyactadd.*`` key).
+      With ``llama_cpp``: a stock control vector exactly as repeng and cvector-generator lay
+      it out (no ``pyactadd.*`` keys, 1-D F32 ``direction.<L-1>``), which llama.cpp's own
+      loader accepts.
     * ``.safetensors``, ``.npz``, ``.pt``: one array per layer named by its number in
       ``layer_convention`` (required), ``[n_embd]`` for one row per layer, else
       ``[positions, n_embd]``. .safetensors also records the convention and the
@@ -54,17 +51,10 @@ def save_vector(
         SteeringFileError: the file cannot be written.
     """
     target = Path(path)
-    suffix = target.suffix.lower()
-    if suffix not in OUTPUT_SUFFIXES:
-        raise InputError(f"cannot tell the output format of {target.name}: use a .gguf, .safetensors, .npz or .pt file name")
-    if suffix == ".gguf":
+    if check_output(target) == ".gguf":
         if layer_convention is not None:
             raise InputError("a GGUF file always numbers tensors by block output (direction.L-1): drop the output layer convention")
-        if llama_cpp:
-            problem = stock_problem(vector)
-            if problem is not None:
-                raise InputError(f"cannot write a stock llama.cpp control vector: {problem}")
-        write_steering_file(vector, target, bare=llama_cpp)
+        vector.save(target, llama_cpp=llama_cpp)
         return
     if llama_cpp:
         raise InputError("a stock llama.cpp control vector is a .gguf file: name the output *.gguf")
@@ -78,8 +68,13 @@ def save_vector(
         str(from_block_input(layer, convention)): rows[0] if vector.n_positions == 1 else rows
         for layer, rows in vector.layers.items()
     }
+    write_tensor_file(arrays, target, metadata=_tensor_metadata(vector, convention))
+
+
+def _tensor_metadata(vector: SteeringVector, convention: str) -> dict[str, str]:
+    """What a .safetensors output records besides the arrays (read back by :mod:`.reading`)."""
     fingerprint = vector.fingerprint
-    metadata = {
+    return {
         CONVENTION_METADATA_KEY: convention,
         "pyactadd.alignment": vector.alignment,
         "pyactadd.n_positions": str(vector.n_positions),
@@ -90,4 +85,3 @@ def save_vector(
         "pyactadd.model.n_vocab": str(fingerprint.n_vocab or 0),
         "pyactadd.coefficient": repr(vector.coefficient),
     }
-    write_tensor_file(arrays, target, metadata=metadata)

@@ -20,9 +20,15 @@ import importlib
 from typing import Any
 
 from pyactadd.errors import EngineError, InputError, InstallError, ModelMismatchError, PyactaddError, SteeringFileError
-from pyactadd.vector import ModelFingerprint, SteeringVector, check_layer, from_llama_index, to_llama_index
 
+# Even the vector names load on first use: `import pyactadd` then costs no numpy, so the
+# CLI's Ctrl-C handling is in place before anything slow runs (pyactadd/cli/__init__.py).
 _LAZY = {
+    "ModelFingerprint": ("vector", "ModelFingerprint"),
+    "SteeringVector": ("vector", "SteeringVector"),
+    "check_layer": ("vector", "check_layer"),
+    "from_llama_index": ("vector", "from_llama_index"),
+    "to_llama_index": ("vector", "to_llama_index"),
     "extract": ("extract.pipeline", "extract"),
     "SinkRowWarning": ("extract.pipeline", "SinkRowWarning"),
     "Steering": ("runtime.steering", "Steering"),
@@ -36,14 +42,9 @@ __all__ = [
     "EngineError",
     "InputError",
     "InstallError",
-    "ModelFingerprint",
     "ModelMismatchError",
     "PyactaddError",
     "SteeringFileError",
-    "SteeringVector",
-    "check_layer",
-    "from_llama_index",
-    "to_llama_index",
     *_LAZY,
 ]
 

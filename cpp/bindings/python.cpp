@@ -9,18 +9,22 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <dlfcn.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace nb = nanobind;
 
 namespace {
 
 using rows_array = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using out_rows_array = nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using out_positions_array = nb::ndarray<int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 // The file that defines the symbol at addr, so Python can check that the engine and
 // llama_cpp share one libllama / libggml.
@@ -43,6 +47,7 @@ class Engine {
         if (engine_ == nullptr) {
             throw nb::value_error("invalid engine parameters: need n_embd > 0 and n_layer >= 2");
         }
+        n_embd_ = n_embd;
     }
     ~Engine() { pyactadd_engine_free(engine_); }
     Engine(const Engine &) = delete;
@@ -84,6 +89,30 @@ class Engine {
         }
     }
 
+    void capture(const std::vector<int32_t> & layers, bool stop_after) {
+        if (layers.size() > INT32_MAX) {
+            throw nb::value_error("too many layers");
+        }
+        if (pyactadd_engine_capture(engine_, layers.data(), (int32_t) layers.size(), stop_after) != 0) {
+            throw nb::value_error(pyactadd_engine_last_error(engine_));
+        }
+    }
+
+    // Rows captured at il, or -1 when il is not captured.
+    int32_t capture_n_rows(int32_t il) const { return pyactadd_engine_capture_n_rows(engine_, il); }
+
+    // Copies il's rows into out [n, n_embd] and positions [n] (n <= captured rows); returns n.
+    int32_t capture_read(int32_t il, out_rows_array out, out_positions_array positions) const {
+        const int32_t have = pyactadd_engine_capture_n_rows(engine_, il);
+        if (have < 0) {
+            throw nb::value_error(("layer index il=" + std::to_string(il) + " is not captured").c_str());
+        }
+        if (out.shape(1) != (size_t) n_embd_ || positions.shape(0) != out.shape(0) || out.shape(0) > (size_t) have) {
+            throw nb::value_error("capture_read needs rows [n, n_embd] and positions [n] with n <= the rows captured");
+        }
+        return pyactadd_engine_capture_read(engine_, il, out.data(), positions.data(), (int32_t) out.shape(0));
+    }
+
     nb::dict stats() const {
         const pyactadd_engine_stats s = pyactadd_engine_get_stats(engine_);
         nb::dict d;
@@ -92,10 +121,13 @@ class Engine {
         d["n_rows_added"] = s.n_rows_added;
         d["n_device_copies"] = s.n_device_copies;
         d["n_errors"] = s.n_errors;
+        d["n_rows_captured"] = s.n_rows_captured;
+        d["n_graph_stops"] = s.n_graph_stops;
         return d;
     }
 
     pyactadd_engine * engine_ = nullptr;
+    int32_t n_embd_ = 0;
 };
 
 // pyactadd_file_read_info as a dict with the struct's field names; ValueError on failure.
@@ -140,6 +172,11 @@ NB_MODULE(_engine, m) {
         .def("count", [](const Engine & e) { return pyactadd_engine_count(e.engine_); })
         .def("set_force_device_copy", [](Engine & e, bool f) { pyactadd_engine_set_force_device_copy(e.engine_, f); })
         .def("attach", &Engine::attach, nb::arg("params_address"))
+        .def("capture", &Engine::capture, nb::arg("layers"), nb::arg("stop_after") = false,
+             "Copy l_out-<il> for these il during llama_decode (empty: off); stop_after: skip the rest of the graph.")
+        .def("capture_clear", [](Engine & e) { pyactadd_engine_capture_clear(e.engine_); })
+        .def("capture_n_rows", &Engine::capture_n_rows, nb::arg("il"))
+        .def("capture_read", &Engine::capture_read, nb::arg("il"), nb::arg("out"), nb::arg("positions"))
         .def("stats", &Engine::stats)
         .def("reset_stats", [](Engine & e) { pyactadd_engine_reset_stats(e.engine_); })
         .def("last_error", [](const Engine & e) { return std::string(pyactadd_engine_last_error(e.engine_)); });

@@ -57,7 +57,8 @@ extern "C" {
 #endif
 
 // 2: pyactadd_engine_params.model, pyactadd_file_info, pyactadd_file_read_info().
-#define PYACTADD_ABI_VERSION 2
+// 3: capture mode (pyactadd_engine_capture*), pyactadd_engine_abort_callback, two more stats.
+#define PYACTADD_ABI_VERSION 3
 
 typedef struct pyactadd_engine pyactadd_engine;
 
@@ -123,6 +124,8 @@ struct pyactadd_engine_stats {
     uint64_t n_rows_added;         // token rows that received a steering row
     uint64_t n_device_copies;      // ggml_backend_tensor_get/set calls made by the non-host path
     uint64_t n_errors;             // graph tensors the engine had to skip (see pyactadd_engine_last_error)
+    uint64_t n_rows_captured;      // token rows copied out in capture mode
+    uint64_t n_graph_stops;        // graphs stopped early after the deepest captured layer
 };
 
 // Defaults: n_embd = 0, n_layer = 0 (set both, or model), force_device_copy = false, model = NULL.
@@ -184,15 +187,63 @@ PYACTADD_API int32_t pyactadd_engine_count(const pyactadd_engine * engine);
 // Switches the non-host (ggml-backend get/set) path on or off for host buffers too.
 PYACTADD_API void pyactadd_engine_set_force_device_copy(pyactadd_engine * engine, bool force);
 
-// Installs the engine as params->cb_eval with params->cb_eval_user_data = engine.
-// A callback already in params is chained: it is still called for every tensor and
-// its answers are honoured. Call before llama_init_from_model(). Returns 0, or -1
-// when params is NULL or the engine is already in params.
+// Installs the engine as params->cb_eval with params->cb_eval_user_data = engine, and
+// as params->abort_callback (data = engine), which capture mode's early stop uses.
+// Callbacks already in params are chained: the eval callback is still called for every
+// tensor and its answers are honoured (until an early stop, see pyactadd_engine_capture),
+// and the abort callback is still asked. Call before llama_init_from_model(). Returns 0,
+// or -1 when params is NULL or the engine is already in params.
 PYACTADD_API int32_t pyactadd_engine_attach(pyactadd_engine * engine, struct llama_context_params * params);
 
 // The eval callback itself (user_data must be the engine), for applications that
 // dispatch several callbacks themselves.
 PYACTADD_API bool pyactadd_engine_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
+
+// The abort callback attach installs (user_data must be the engine): true once an early
+// stop is under way (see pyactadd_engine_capture), else the chained callback's answer.
+PYACTADD_API bool pyactadd_engine_abort_callback(void * user_data);
+
+// --- capture mode ------------------------------------------------------------------------
+// The engine can copy layer outputs out while llama_decode computes them: the residual
+// stream entering chosen blocks, on the model's own (quantized) weights, on whatever
+// device the layer runs (host buffers are read in place, others with
+// ggml_backend_tensor_get). Rows are copied after any steering of that layer is added.
+//
+//     int32_t il[] = { 5, 15 };
+//     pyactadd_engine_capture(eng, il, 2, true);      // after attach, before decoding
+//     pyactadd_engine_capture_clear(eng);             // before each llama_decode
+//     int rc = llama_decode(ctx, batch);              // 0, or 2 after an early stop: both fine
+//     int32_t n = pyactadd_engine_capture_n_rows(eng, 15);
+//     pyactadd_engine_capture_read(eng, 15, rows, positions, n);
+//     llama_memory_clear(llama_get_memory(ctx), true); // the early stop left the cache partial
+//
+// Rows arrive in the order the graph computes its tokens (one micro-batch after another;
+// within one, the batch's order for a unified KV cache), each with its position.
+
+// Captures l_out-<il> for the n_layers indices in layers (0 <= il <= n_layer - 2, repeats
+// allowed); n_layers = 0 turns capture off. Clears what was captured. With stop_after,
+// once the deepest of them is copied the rest of the graph is skipped: the CPU backend's
+// abort callback (installed by attach) aborts it, so llama_decode returns 2 and removes
+// the micro-batch from the KV cache; on backends without an abort callback each remaining
+// split stops after its first node and llama_decode returns 0. Either way the logits are
+// not computed, the KV cache must be cleared before other use, and one llama_decode must
+// fit in one micro-batch (n_ubatch >= its tokens): later micro-batches are not computed.
+// Returns 0, or PYACTADD_STATUS_ERROR (-1), with the engine unchanged, when engine is
+// NULL, n_layers < 0, layers is NULL with n_layers > 0, or an index is out of range.
+PYACTADD_API int32_t pyactadd_engine_capture(pyactadd_engine * engine, const int32_t * layers, int32_t n_layers, bool stop_after);
+
+// Forgets the captured rows and re-arms the early stop; call before each llama_decode.
+PYACTADD_API void pyactadd_engine_capture_clear(pyactadd_engine * engine);
+
+// Rows captured at il since the last clear, or -1 when engine is NULL or il is not captured.
+PYACTADD_API int32_t pyactadd_engine_capture_n_rows(const pyactadd_engine * engine, int32_t il);
+
+// Copies up to n_rows_max captured rows of il (n_embd floats each, row-major) into rows,
+// and their positions (-1 for a graph without positions) into positions unless NULL.
+// Returns the number of rows copied, or -1 when engine or rows is NULL, n_rows_max < 0,
+// or il is not captured.
+PYACTADD_API int32_t pyactadd_engine_capture_read(const pyactadd_engine * engine, int32_t il, float * rows,
+                                                  int32_t * positions, int32_t n_rows_max);
 
 PYACTADD_API struct pyactadd_engine_stats pyactadd_engine_get_stats(const pyactadd_engine * engine);
 PYACTADD_API void pyactadd_engine_reset_stats(pyactadd_engine * engine);

@@ -81,6 +81,12 @@ bool all_finite(const float * data, size_t n) {
     return true;
 }
 
+// The rows copied from one layer output in capture mode, in the order computed.
+struct captured_layer {
+    std::vector<float> rows;        // n * n_embd
+    std::vector<int32_t> positions; // n: each row's position (inp_pos), -1 when the graph has none
+};
+
 struct gguf_deleter {
     void operator()(gguf_context * c) const { gguf_free(c); }
 };
@@ -339,6 +345,15 @@ struct pyactadd_engine {
 
     ggml_backend_sched_eval_callback chained_cb = nullptr;
     void * chained_user_data = nullptr;
+    ggml_abort_callback chained_abort = nullptr;
+    void * chained_abort_data = nullptr;
+
+    // Capture mode: the layers copied out, their rows so far, and the early stop.
+    std::map<int32_t, captured_layer> captured; // il -> rows (empty: capture off)
+    int32_t capture_deepest = -1;
+    bool capture_stop = false; // stop the graph once capture_deepest is copied
+    bool stopping = false;     // that point is passed: skip the rest (cleared by capture_clear)
+    bool we_capture = false;
 
     // Per-node state between the ask=true and ask=false calls for the same node.
     const ggml_tensor * positions_input = nullptr;
@@ -470,6 +485,53 @@ struct pyactadd_engine {
         stats.n_layer_outputs_steered++;
     }
 
+    // True when il is a captured layer and t has the layout capture copies.
+    bool wants_capture(int32_t il, const ggml_tensor * t) {
+        if (captured.find(il) == captured.end()) {
+            return false;
+        }
+        if (t->type != GGML_TYPE_F32 || t->ne[0] != params.n_embd || t->nb[0] != sizeof(float)) {
+            stats.n_errors++;
+            fail("layer output " + std::string(t->name) + " is not an F32 [n_embd, n_tokens] tensor; not captured");
+            return false;
+        }
+        return true;
+    }
+
+    // Appends the token rows of the computed layer output t (and their positions) to il's capture.
+    void capture(int32_t il, const ggml_tensor * t) {
+        const int64_t n_embd = params.n_embd;
+        const int64_t n_tokens = t->ne[1];
+        captured_layer & c = captured[il];
+        const size_t first_row = c.positions.size();
+        c.rows.resize((first_row + n_tokens) * n_embd);
+        const bool host = ggml_backend_buffer_is_host(t->buffer) && !params.force_device_copy;
+        const size_t span_bytes = (n_tokens - 1) * t->nb[1] + n_embd * sizeof(float);
+        const char * base;
+        if (host) {
+            base = static_cast<const char *>(t->data);
+        } else {
+            scratch.resize((span_bytes + sizeof(float) - 1) / sizeof(float));
+            ggml_backend_tensor_get(t, scratch.data(), 0, span_bytes);
+            stats.n_device_copies++;
+            base = reinterpret_cast<const char *>(scratch.data());
+        }
+        for (int64_t i = 0; i < n_tokens; ++i) {
+            std::memcpy(c.rows.data() + (first_row + i) * n_embd, base + i * t->nb[1], n_embd * sizeof(float));
+        }
+        // Positions are optional here (a graph without inp_pos still has rows to copy).
+        const bool have_positions = positions_input != nullptr && read_positions(n_tokens);
+        for (int64_t i = 0; i < n_tokens; ++i) {
+            c.positions.push_back(have_positions ? positions[i] : -1);
+        }
+        stats.n_rows_captured += (uint64_t) n_tokens;
+    }
+
+    // The node-level protocol of ggml_backend_sched (see ggml_backend_sched_eval_callback).
+    // After the deepest captured layer with capture_stop, every node is asked for and
+    // refused on its second call: the CPU backend's abort callback then ends the graph
+    // after one more node (llama_decode returns 2), and backends without one stop at the
+    // end of each remaining split.
     bool on_eval(ggml_tensor * t, bool ask) {
         if (ask) {
             for (int i = 0; i < GGML_MAX_SRC; ++i) {
@@ -487,16 +549,48 @@ struct pyactadd_engine {
             }
             asked_node = t;
             we_asked = il >= 0 && wants(il, t);
-            chained_asked = chained_cb != nullptr && chained_cb(t, true, chained_user_data);
-            return we_asked || chained_asked;
+            we_capture = il >= 0 && !stopping && wants_capture(il, t);
+            chained_asked = !stopping && chained_cb != nullptr && chained_cb(t, true, chained_user_data);
+            return we_asked || we_capture || chained_asked || stopping;
         }
-        if (t == asked_node && we_asked) {
-            apply(layer_output_index(t->name), t);
+        const bool mine = t == asked_node;
+        const int32_t il = mine ? layer_output_index(t->name) : -1;
+        if (mine && we_asked) {
+            apply(il, t);
         }
-        const bool keep_going = !(t == asked_node && chained_asked) || chained_cb(t, false, chained_user_data);
+        if (mine && we_capture) {
+            capture(il, t);
+        }
+        const bool was_stopping = stopping;
+        if (mine && we_capture && capture_stop && il == capture_deepest) {
+            stopping = true;
+            stats.n_graph_stops++;
+        }
+        const bool keep_going = !(mine && chained_asked) || chained_cb(t, false, chained_user_data);
         asked_node = nullptr;
-        we_asked = chained_asked = false;
-        return keep_going;
+        we_asked = we_capture = chained_asked = false;
+        return keep_going && !was_stopping;
+    }
+
+    int32_t capture_set(const int32_t * layers, int32_t n_layers, bool stop_after) {
+        if (n_layers < 0 || (n_layers > 0 && layers == nullptr)) {
+            fail("capture needs n_layers >= 0 layer indices");
+            return -1;
+        }
+        std::map<int32_t, captured_layer> wanted;
+        for (int32_t i = 0; i < n_layers; ++i) {
+            if (layers[i] < 0 || layers[i] > params.n_layer - 2) {
+                fail("capture layer index il=" + std::to_string(layers[i]) + " out of range: use 0 to " +
+                     std::to_string(params.n_layer - 2) + " (l_out-<il>, the input of block il+1)");
+                return -1;
+            }
+            wanted[layers[i]];
+        }
+        captured.swap(wanted);
+        capture_deepest = captured.empty() ? -1 : captured.rbegin()->first;
+        capture_stop = stop_after && !captured.empty();
+        stopping = false;
+        return 0;
     }
 
     int32_t add(int32_t il, const float * data, int32_t n_rows, int32_t n_embd, int32_t offset, pyactadd_align align) {
@@ -764,7 +858,73 @@ int32_t pyactadd_engine_attach(pyactadd_engine * engine, llama_context_params * 
     engine->chained_user_data = params->cb_eval_user_data;
     params->cb_eval = pyactadd_engine_eval_callback;
     params->cb_eval_user_data = engine;
+    if (params->abort_callback != pyactadd_engine_abort_callback) {
+        engine->chained_abort = params->abort_callback;
+        engine->chained_abort_data = params->abort_callback_data;
+    }
+    params->abort_callback = pyactadd_engine_abort_callback;
+    params->abort_callback_data = engine;
     return 0;
+}
+
+bool pyactadd_engine_abort_callback(void * user_data) {
+    auto * engine = static_cast<pyactadd_engine *>(user_data);
+    if (engine == nullptr) {
+        return false;
+    }
+    return engine->stopping || (engine->chained_abort != nullptr && engine->chained_abort(engine->chained_abort_data));
+}
+
+int32_t pyactadd_engine_capture(pyactadd_engine * engine, const int32_t * layers, int32_t n_layers, bool stop_after) {
+    if (engine == nullptr) {
+        return PYACTADD_STATUS_ERROR;
+    }
+    try {
+        engine->last_error.clear();
+        return engine->capture_set(layers, n_layers, stop_after);
+    } catch (...) {
+        engine->fail("out of memory while setting the captured layers");
+        return PYACTADD_STATUS_ERROR;
+    }
+}
+
+void pyactadd_engine_capture_clear(pyactadd_engine * engine) {
+    if (engine == nullptr) {
+        return;
+    }
+    for (auto & entry : engine->captured) {
+        entry.second = captured_layer();
+    }
+    engine->stopping = false;
+}
+
+int32_t pyactadd_engine_capture_n_rows(const pyactadd_engine * engine, int32_t il) {
+    if (engine == nullptr) {
+        return PYACTADD_STATUS_ERROR;
+    }
+    const auto found = engine->captured.find(il);
+    return found == engine->captured.end() ? PYACTADD_STATUS_ERROR : (int32_t) found->second.positions.size();
+}
+
+int32_t pyactadd_engine_capture_read(const pyactadd_engine * engine, int32_t il, float * rows, int32_t * positions,
+                                     int32_t n_rows_max) {
+    if (engine == nullptr || rows == nullptr || n_rows_max < 0) {
+        return PYACTADD_STATUS_ERROR;
+    }
+    const auto found = engine->captured.find(il);
+    if (found == engine->captured.end()) {
+        return PYACTADD_STATUS_ERROR;
+    }
+    const captured_layer & c = found->second;
+    const int32_t n = std::min(n_rows_max, (int32_t) c.positions.size());
+    if (n == 0) {
+        return 0; // nothing to copy (and an empty vector's data() may be NULL, which memcpy must not get)
+    }
+    std::memcpy(rows, c.rows.data(), (size_t) n * engine->params.n_embd * sizeof(float));
+    if (positions != nullptr) {
+        std::memcpy(positions, c.positions.data(), (size_t) n * sizeof(int32_t));
+    }
+    return n;
 }
 
 bool pyactadd_engine_eval_callback(ggml_tensor * t, bool ask, void * user_data) {

@@ -659,6 +659,151 @@ void scenario_switching_paths(bool force) {
 }
 
 // The graph scenarios, on the host path and on the device-copy path.
+
+// --- capture mode ----------------------------------------------------------------------
+
+// Writes "computed" values into a graph's l_out: column i, element k = base + 100 i + k.
+std::vector<float> fill_out(graph & g, float base) {
+    std::vector<float> v((size_t) g.n_tokens * N_EMBD);
+    for (int64_t i = 0; i < g.n_tokens; ++i) {
+        for (int k = 0; k < N_EMBD; ++k) {
+            v[(size_t) i * N_EMBD + k] = base + (float) (100 * i + k);
+        }
+    }
+    ggml_backend_tensor_set(g.out, v.data(), 0, v.size() * sizeof(float));
+    return v;
+}
+
+// The rows and positions captured at il.
+std::vector<float> captured_rows(const pyactadd_engine * e, int32_t il, std::vector<int32_t> * positions = nullptr) {
+    const int32_t n = pyactadd_engine_capture_n_rows(e, il);
+    std::vector<float> rows((size_t) std::max(n, 0) * N_EMBD);
+    std::vector<int32_t> pos((size_t) std::max(n, 0));
+    CHECK(n >= 0 && pyactadd_engine_capture_read(e, il, rows.data(), pos.data(), n) == n);
+    if (positions != nullptr) {
+        *positions = pos;
+    }
+    return rows;
+}
+
+// Every documented refusal, and a refused call leaves the capture as it was.
+void test_capture_validation() {
+    engine_ptr e = make_engine();
+    const int32_t ok[] = { 3, 1, 3 };
+    const int32_t bad[] = { 1, N_LAYER - 1 };
+    CHECK(pyactadd_engine_capture(nullptr, ok, 2, false) == PYACTADD_STATUS_ERROR);
+    CHECK(pyactadd_engine_capture(e.get(), nullptr, 2, false) == PYACTADD_STATUS_ERROR);
+    CHECK(pyactadd_engine_capture(e.get(), ok, -1, false) == PYACTADD_STATUS_ERROR);
+    CHECK(pyactadd_engine_capture(e.get(), bad, 2, false) == PYACTADD_STATUS_ERROR);
+    CHECK(contains(pyactadd_engine_last_error(e.get()), "out of range"));
+    CHECK(pyactadd_engine_capture_n_rows(e.get(), 1) == -1); // still off
+    CHECK(pyactadd_engine_capture(e.get(), ok, 3, false) == 0);
+    CHECK(std::strcmp(pyactadd_engine_last_error(e.get()), "") == 0);
+    CHECK(pyactadd_engine_capture(e.get(), bad, 2, false) == PYACTADD_STATUS_ERROR);
+    CHECK(pyactadd_engine_capture_n_rows(e.get(), 1) == 0 && pyactadd_engine_capture_n_rows(e.get(), 3) == 0);
+    CHECK(pyactadd_engine_capture_n_rows(e.get(), 2) == -1);
+    float row[N_EMBD];
+    int32_t pos[1];
+    CHECK(pyactadd_engine_capture_read(e.get(), 2, row, pos, 1) == -1);
+    CHECK(pyactadd_engine_capture_read(e.get(), 1, nullptr, pos, 1) == -1);
+    CHECK(pyactadd_engine_capture_read(e.get(), 1, row, pos, -1) == -1);
+    CHECK(pyactadd_engine_capture_read(e.get(), 1, row, nullptr, 1) == 0);
+    CHECK(pyactadd_engine_capture_read(nullptr, 1, row, pos, 1) == -1);
+    CHECK(pyactadd_engine_capture_n_rows(nullptr, 1) == -1);
+    pyactadd_engine_capture_clear(nullptr);
+    CHECK(!pyactadd_engine_abort_callback(nullptr));
+    CHECK(!pyactadd_engine_abort_callback(e.get()));
+    CHECK(pyactadd_engine_capture(e.get(), nullptr, 0, true) == 0); // off again
+    CHECK(pyactadd_engine_capture_n_rows(e.get(), 1) == -1);
+    graph g = make_graph({ 0, 1 }, { "l_out-1" });
+    CHECK(!run_graph(e.get(), g));
+}
+
+// Rows of two layers, in order, with positions; micro-batches append; steering is included; clear forgets.
+void scenario_capture(bool force) {
+    engine_ptr e = make_engine(force);
+    const int32_t layers[] = { 1, 3 };
+    CHECK(pyactadd_engine_capture(e.get(), layers, 2, false) == 0);
+    const std::vector<float> steer = rows_of(1);
+    CHECK(pyactadd_engine_add(e.get(), 3, steer.data(), 1, N_EMBD, 0, PYACTADD_ALIGN_ALL) == 0);
+    graph g1 = make_graph({ 0, 1, 2 }, { "l_out-1" });
+    graph g2 = make_graph({ 0, 1, 2 }, { "l_out-2" });
+    graph g3 = make_graph({ 0, 1, 2 });
+    const std::vector<float> v1 = fill_out(g1, 0.5f);
+    fill_out(g2, 1.0f);
+    const std::vector<float> v3 = fill_out(g3, 7.0f);
+    CHECK(run_graph(e.get(), g1));
+    CHECK(!run_graph(e.get(), g2));
+    CHECK(run_graph(e.get(), g3));
+    std::vector<int32_t> pos;
+    CHECK(same(captured_rows(e.get(), 1, &pos), v1));
+    CHECK(pos == std::vector<int32_t>({ 0, 1, 2 }));
+    CHECK(same(read_out(g1), v1)); // capture only reads
+    const std::vector<float> steered = read_out(g3); // the captured rows are the steered ones
+    CHECK(same(captured_rows(e.get(), 3), steered));
+    CHECK(steered[0] == v3[0] + steer[0]);
+    graph later = make_graph({ 3, 4 }, { "l_out-1" });
+    const std::vector<float> v1b = fill_out(later, -2.0f);
+    CHECK(run_graph(e.get(), later));
+    std::vector<float> both = v1;
+    both.insert(both.end(), v1b.begin(), v1b.end());
+    CHECK(same(captured_rows(e.get(), 1, &pos), both));
+    CHECK(pos == std::vector<int32_t>({ 0, 1, 2, 3, 4 }));
+    const pyactadd_engine_stats s = pyactadd_engine_get_stats(e.get());
+    CHECK(s.n_rows_captured == 8 && s.n_graph_stops == 0 && s.n_errors == 0);
+    CHECK((s.n_device_copies > 0) == force);
+    pyactadd_engine_capture_clear(e.get());
+    CHECK(pyactadd_engine_capture_n_rows(e.get(), 1) == 0 && pyactadd_engine_capture_n_rows(e.get(), 3) == 0);
+    // A wrong-typed layer output is not captured, and says so.
+    graph_opts f16;
+    f16.out_name = "l_out-1";
+    f16.out_type = GGML_TYPE_F16;
+    graph h = make_graph({ 0, 1 }, f16);
+    CHECK(!run_graph(e.get(), h));
+    CHECK(pyactadd_engine_capture_n_rows(e.get(), 1) == 0 && contains(pyactadd_engine_last_error(e.get()), "not captured"));
+}
+
+bool counting_abort(void * data) {
+    int * n = static_cast<int *>(data);
+    ++*n;
+    return *n > 100;
+}
+
+// Early stop: past the deepest layer every node is asked for and refused, the abort callback
+// says stop (and chains the application's), and capture_clear re-arms it.
+void scenario_capture_stop(bool force) {
+    engine_ptr e = make_engine(force);
+    const int32_t layers[] = { 3, 1 };
+    CHECK(pyactadd_engine_capture(e.get(), layers, 2, true) == 0);
+    int n_abort_asks = 0;
+    llama_context_params cp = llama_context_default_params();
+    cp.abort_callback = counting_abort;
+    cp.abort_callback_data = &n_abort_asks;
+    CHECK(pyactadd_engine_attach(e.get(), &cp) == 0);
+    CHECK(cp.abort_callback == pyactadd_engine_abort_callback && cp.abort_callback_data == e.get());
+    for (int round = 0; round < 2; ++round) {
+        graph g1 = make_graph({ 0, 1 }, { "l_out-1" });
+        graph g3 = make_graph({ 0, 1 });
+        graph g4 = make_graph({ 0, 1 }, { "l_out-4" });
+        bool go = false;
+        CHECK(!eval_node(cp.cb_eval, cp.cb_eval_user_data, g1.rope, &go) && go); // a graph's positions come first
+        CHECK(eval_node(cp.cb_eval, cp.cb_eval_user_data, g1.out, &go) && go);
+        CHECK(!cp.abort_callback(cp.abort_callback_data));
+        CHECK(!eval_node(cp.cb_eval, cp.cb_eval_user_data, g3.rope, &go) && go);
+        CHECK(eval_node(cp.cb_eval, cp.cb_eval_user_data, g3.out, &go) && go); // the deepest itself is kept
+        CHECK(cp.abort_callback(cp.abort_callback_data));
+        CHECK(eval_node(cp.cb_eval, cp.cb_eval_user_data, g4.rope, &go) && !go); // then everything stops
+        CHECK(eval_node(cp.cb_eval, cp.cb_eval_user_data, g4.out, &go) && !go);
+        CHECK(pyactadd_engine_capture_n_rows(e.get(), 1) == 2 && pyactadd_engine_capture_n_rows(e.get(), 3) == 2);
+        CHECK(pyactadd_engine_get_stats(e.get()).n_graph_stops == (uint64_t) round + 1);
+        pyactadd_engine_capture_clear(e.get());
+        CHECK(!cp.abort_callback(cp.abort_callback_data));
+    }
+    CHECK(n_abort_asks == 4); // the chained callback is asked whenever the engine is not stopping
+    n_abort_asks = 100;       // and its own "abort" passes through
+    CHECK(cp.abort_callback(cp.abort_callback_data));
+}
+
 void test_graph_scenarios(bool force) {
     std::fprintf(stderr, "graph scenarios, %s path\n", force ? "device-copy" : "host");
     scenario_front(force);
@@ -669,6 +814,8 @@ void test_graph_scenarios(bool force) {
     scenario_bad_layer_output(force);
     scenario_no_positions_input(force);
     scenario_switching_paths(force);
+    scenario_capture(force);
+    scenario_capture_stop(force);
 }
 
 // pyactadd_engine_load_file must return `code` with `msg` in the error and leave the engine unchanged.
@@ -991,6 +1138,7 @@ int main(int argc, char ** argv) {
     test_attach();
     test_chained_callback();
     test_callback_degenerate_input();
+    test_capture_validation();
     test_graph_scenarios(false);
     test_graph_scenarios(true);
     test_load_file(dir);

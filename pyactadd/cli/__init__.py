@@ -1,18 +1,86 @@
-"""The ``pyactadd`` command line: one module per command, errors turned into one line at this edge."""
+"""The ``pyactadd`` command line: one module per command, errors turned into one line at this edge.
+
+Every way out is one line on stderr and an exit code: library errors ``Error: …`` (1),
+usage errors ``Error: …`` with where the usage is (2), Ctrl-C ``Interrupted.`` (130).
+"""
 
 from __future__ import annotations
 
-import logging
+import signal
 import sys
-import warnings
 
-import click
 
-from pyactadd.errors import PyactaddError
+def _interrupted_while_starting(signum, frame) -> None:
+    sys.stderr.write("Interrupted.\n")
+    raise SystemExit(130)
+
+
+def _set_sigint(handler):
+    """Install a SIGINT handler and return the previous one; None (nothing installed)
+    outside the main thread, where Python cannot handle signals, and where SIGINT is
+    ignored (a background job of a script: it is meant to be immune, as Python leaves it)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return None
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        return None
+    return signal.default_int_handler if previous is None else previous
+
+
+# Importing the commands (numpy, click, ...) takes a noticeable moment: Ctrl-C during it is
+# one line instead of an import traceback. The previous handler is back once they are in.
+_BEFORE_IMPORT = _set_sigint(_interrupted_while_starting)
+
+import _thread  # noqa: E402
+import logging  # noqa: E402
+import threading  # noqa: E402
+import warnings  # noqa: E402
+
+import click  # noqa: E402
+
+from pyactadd.errors import PyactaddError  # noqa: E402
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
+_REDELIVER_S = 0.05
+
+
+class _Interrupted(Exception):
+    """Ctrl-C inside a command, carried past click's own handling to :meth:`_Group.main`."""
+
+
+def _raise_interrupt(signum, frame) -> None:
+    """SIGINT handler for a command: KeyboardInterrupt, except inside llama.cpp's log callback.
+
+    llama-cpp-python logs through a ctypes callback; an exception raised there is printed
+    as "Exception ignored" and dropped, so the interrupt would be lost (a sweep's float32
+    copy ran to the end). There the signal is delivered again a moment later, until it
+    lands in ordinary Python code.
+    """
+    if frame is not None and frame.f_globals.get("__name__") == "llama_cpp._logger":
+        timer = threading.Timer(_REDELIVER_S, _thread.interrupt_main)
+        timer.daemon = True
+        timer.start()
+        return
+    raise KeyboardInterrupt
+
+
+def _usage_line(exc: click.UsageError) -> str:
+    """A usage error as one line; the help hint is left out where the message already names the fix."""
+    text = exc.format_message()
+    if type(exc) is click.BadParameter or exc.ctx is None:
+        return text
+    return f"{text.rstrip('.')} (see: {exc.ctx.command_path} --help)"
+
+
+def _exit_interrupted():
+    click.echo("Interrupted.", err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 class _Group(click.Group):
-    """Turns library errors into ``Error: …`` with exit code 1 instead of a traceback."""
+    """Turns library errors into ``Error: …`` with exit code 1, usage errors into one line
+    with exit code 2, and Ctrl-C anywhere into ``Interrupted.`` with 130: never a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -20,8 +88,31 @@ class _Group(click.Group):
         except PyactaddError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
-            sys.exit(130)
+            raise _Interrupted from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        previous = _set_sigint(_raise_interrupt)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            click.echo(f"Error: {_usage_line(exc)}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except (_Interrupted, KeyboardInterrupt):
+            _exit_interrupted()
+        except click.Abort as exc:
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                _exit_interrupted()
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -46,4 +137,7 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
-from pyactadd.cli import config_cmd, extract_cmd, run_cmd, convert_cmd, inspect_cmd, serve_cmd, eval_cmd, sweep_cmd, worker_cmd  # noqa: E402,F401  (registers the commands)
+from pyactadd.cli import compare_cmd, config_cmd, extract_cmd, run_cmd, convert_cmd, inspect_cmd, serve_cmd, eval_cmd, sweep_cmd, worker_cmd  # noqa: E402,F401  (registers the commands)
+
+if _BEFORE_IMPORT is not None:
+    signal.signal(signal.SIGINT, _BEFORE_IMPORT)

@@ -11,7 +11,9 @@ from pyactadd.cli.display import render
 from pyactadd.cli.params import (
     AlignType,
     SteerSpec,
+    Text,
     apply_options,
+    check_context_memory,
     gguf_model,
     load_text_set,
     model_option,
@@ -32,7 +34,7 @@ _OPTIONS = [
     ),
     text_set_option("on", DEFAULT_ON_SET, "On-target"),
     text_set_option("off", DEFAULT_OFF_SET, "Off-target"),
-    click.option("--prompt", default=None, help="Prompt for the next-token table. Default: 'I went up to my friend and said'."),
+    click.option("--prompt", type=Text(), default=None, help="Prompt for the next-token table. Default: 'I went up to my friend and said'."),
     click.option("--top", type=click.IntRange(1, 1000), default=10, show_default=True, help="Rows per next-token table."),
     click.option("--align", type=AlignType(), default=None, help="front or a position offset. Default: each file's own."),
     click.option(
@@ -78,6 +80,7 @@ def eval_command(steer, on_file, off_file, prompt, top, align, fast, as_json, n_
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty: give a non-empty text", param_hint="--prompt")
     model_path = gguf_model(model)
+    check_context_memory(model_path, n_ctx)
     scorer = make_scorer(model_path, fast=fast, n_ctx=n_ctx, n_threads=threads)
     sets = {"on": (on, str(on_path)), "off": (off, str(off_path))}
     result = _evaluate_with_progress(scorer, [(vector, coeff) for _, vector, coeff in steer], sets, prompt, top, align)

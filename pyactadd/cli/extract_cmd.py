@@ -54,6 +54,20 @@ _ROW_OPTIONS = [
     ),
     click.option("--zero-row", "zero_rows", type=int, multiple=True, help="Set the steering row at this position to zero (repeatable)."),
     click.option("--zero-outliers", is_flag=True, help="Zero rows whose norm is far above the prompts' typical residual norm."),
+    click.option(
+        "--backend",
+        type=click.Choice(["torch", "llama"]),
+        default="torch",
+        show_default=True,
+        help="Where the prompts run: torch (float32 PyTorch, the paper's numerics) or llama (inside llama.cpp on the "
+        "file's own quantized weights: any architecture llama.cpp runs, fast start, no PyTorch).",
+    ),
+    click.option(
+        "--n-gpu-layers",
+        type=click.IntRange(min=-1),
+        default=None,
+        help="With --backend llama: layers llama.cpp offloads to a GPU (-1: all; a CPU-only build ignores it). Default: 0.",
+    ),
 ]
 
 
@@ -68,7 +82,9 @@ def extract_command(positive, negative, pairs_file, method, batch_size, pca_cent
     Runs both prompts through the model in PyTorch, records the residual stream entering
     each chosen block at every position, and writes COEFF x (positive - negative) as a
     [positions x n_embd] tensor per layer. The first use of a GGUF model converts it to
-    PyTorch weights once; later runs load them from the cache.
+    PyTorch weights once; later runs load them from the cache. With --backend llama the
+    prompts run inside llama.cpp on the file's own quantized weights instead (the file
+    records it; `pyactadd compare` shows how close two files are).
 
     With --pairs FILE.jsonl, many pairs go through the model in batches and --method
     combines them: actadd averages the per-position differences (alignment front); mean
@@ -80,6 +96,7 @@ def extract_command(positive, negative, pairs_file, method, batch_size, pca_cent
       pyactadd extract -p Love -n Hate -l 6 -o love.gguf
       pyactadd extract -p " weddings" -n " " -l 16 --anchor "<|im_start|>" -o weddings.gguf
       pyactadd extract --pairs happy.jsonl --method mean -l 6 -l 10 -l 14 -o happy.gguf
+      pyactadd extract -p Love -n Hate -l 6 --backend llama -o love-q.gguf
     """
     from pyactadd.default_model import resolve_model
 
@@ -91,6 +108,8 @@ def extract_command(positive, negative, pairs_file, method, batch_size, pca_cent
         raise click.UsageError("give -p/--positive and -n/--negative (a prompt pair), or --pairs FILE.jsonl")
     if pairs_file is None and (method is not None or pca_center):
         raise click.UsageError("--method and --pca-center apply to --pairs only")
+    if options["n_gpu_layers"] is not None and options["backend"] != "llama":
+        raise click.BadParameter("applies to --backend llama only (the PyTorch backend runs on the CPU)", param_hint="--n-gpu-layers")
     options["layers"] = list(options["layers"])
     if pairs_file is not None:
         _extract_pairs(pairs_file, method or "actadd", batch_size, pca_center, output, options)

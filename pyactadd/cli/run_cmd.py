@@ -12,7 +12,9 @@ from pyactadd.cli.display import side_by_side
 from pyactadd.cli.params import (
     AlignType,
     FiniteFloat,
+    Text,
     apply_options,
+    check_context_memory,
     gguf_model,
     model_option,
     placement_from,
@@ -39,7 +41,7 @@ _OPTIONS = [
 
 
 @main.command("run")
-@click.argument("prompt")
+@click.argument("prompt", type=Text())
 @apply_options(_OPTIONS)
 def run_command(
     prompt, steer, align, max_tokens, temperature, top_p, seed, chat, compare, as_json, n_ctx, threads, model, rpc, rpc_split, rpc_layers
@@ -65,6 +67,8 @@ def run_command(
         raise click.BadParameter("the prompt is empty: give a non-empty text", param_hint="PROMPT")
     model_path = gguf_model(model)
     placement = placement_from(rpc, rpc_split, rpc_layers)
+    if placement is None:  # with --rpc the cache lives on the workers
+        check_context_memory(model_path, n_ctx)
     sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     llama = load_llama(model_path, n_ctx=n_ctx, n_threads=threads, placement=placement)
     stream = not as_json and not compare
@@ -73,7 +77,7 @@ def run_command(
         llama, prompt, vectors, sampling, align=align, chat=chat, compare=compare, on_text=_streamer(prompt) if stream else None
     )
     if as_json:
-        settings = {**sampling.as_dict(), "chat": chat, "align": align, "n_ctx": n_ctx, "rpc": rpc}
+        settings = {**sampling.as_dict(), "chat": chat, "align": align, "n_ctx": llama.n_ctx(), "rpc": rpc}
         click.echo(json.dumps(_payload(prompt, result, model_path, settings, steer, align), ensure_ascii=False, indent=2))
     elif compare:
         label = " + ".join(f"{path}:{coeff:g}" for path, _, coeff in steer) or "no vector"

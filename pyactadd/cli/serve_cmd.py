@@ -29,6 +29,15 @@ _OPTIONS = [
     click.option("--max-tokens", type=click.IntRange(1, 1 << 20), default=1024, show_default=True, help="Largest max_tokens a request may ask for."),
     click.option("--max-body", "max_body", type=click.IntRange(1024, 1 << 30), default=1 << 20, show_default=True, help="Largest JSON request body, in bytes."),
     click.option("--max-upload", "max_upload", type=click.IntRange(1024, 1 << 32), default=64 << 20, show_default=True, help="Largest uploaded steering file, in bytes."),
+    click.option(
+        "--max-vectors", type=click.IntRange(1, 1 << 20), default=64, show_default=True,
+        help="Most steering vectors registered at once (--vectors files and uploads); another upload gets 409.",
+    ),
+    click.option(
+        "--max-vector-bytes", type=click.IntRange(1024, 1 << 40), default=512 << 20, show_default=True,
+        help="Most bytes of vector rows held in memory (files and uploads; an upload past it gets 413), "
+        "and most a request's steering may name (400).",
+    ),
     click.option("--no-upload", is_flag=True, help="Refuse PUT/DELETE /v1/steering/vectors/NAME: only --vectors files are offered."),
     click.option(
         "--prompt-cache",
@@ -48,8 +57,8 @@ _OPTIONS = [
 @main.command("serve")
 @apply_options(_OPTIONS)
 def serve_command(
-    model, vectors, host, port, api_key, queue_size, max_tokens, max_body, max_upload, no_upload, prompt_cache, n_ctx, threads,
-    rpc, rpc_split, rpc_layers, listen_fd,
+    model, vectors, host, port, api_key, queue_size, max_tokens, max_body, max_upload, max_vectors, max_vector_bytes, no_upload,
+    prompt_cache, n_ctx, threads, rpc, rpc_split, rpc_layers, listen_fd,
 ):
     """Serve the model over HTTP: OpenAI-compatible completions with per-request steering.
 
@@ -82,13 +91,15 @@ def serve_command(
     placement = placement_from(rpc, rpc_split, rpc_layers)
     guard = process.LostWorkerGuard.install(placement.endpoints) if placement is not None else None
     llama = load_llama(model_path, n_ctx=n_ctx, n_threads=threads, placement=placement)
-    registry = _registry(llama, vectors)
+    registry = _registry(llama, vectors, max_vectors, max_vector_bytes)
     config = ServerConfig(
         model_name=model_path.name,
         max_tokens=max_tokens,
         queue_size=queue_size,
         max_body_bytes=max_body,
         max_upload_bytes=max_upload,
+        max_vectors=max_vectors,
+        max_vector_bytes=max_vector_bytes,
         api_key=api_key,
         allow_upload=not no_upload,
         prompt_cache=prompt_cache,
@@ -116,12 +127,16 @@ def _check_api_key(api_key: str | None, host: str) -> None:
         click.secho(f"Warning: listening on {host} without --api-key: anyone who can reach it can use the model.", fg="yellow", err=True)
 
 
-def _registry(llama, vectors: Path | None):
-    """The model's vector registry with the --vectors folder loaded (unusable files warned about)."""
+def _registry(llama, vectors: Path | None, max_vectors: int, max_bytes: int):
+    """The model's vector registry with the --vectors folder loaded (unusable files warned about).
+
+    The folder is the operator's: it is loaded whole even past the limits, which then
+    leave no room for uploads.
+    """
     from pyactadd.runtime.steering import Steering
     from pyactadd.server import VectorRegistry
 
-    registry = VectorRegistry(Steering.of(llama).fingerprint)
+    registry = VectorRegistry(Steering.of(llama).fingerprint, max_vectors=max_vectors, max_bytes=max_bytes)
     if vectors is not None:
         for entry in registry.load_dir(vectors):
             if not entry.usable:

@@ -10,7 +10,7 @@ import click
 
 from pyactadd.cli import main
 from pyactadd.cli.display import render
-from pyactadd.cli.params import apply_options, gguf_model, load_text_set, model_option, text_set_option, threads_option
+from pyactadd.cli.params import Text, apply_options, check_context_memory, gguf_model, load_text_set, model_option, text_set_option, threads_option
 from pyactadd.measure.evaluation import DEFAULT_OFF_SET, DEFAULT_ON_SET
 
 
@@ -47,13 +47,13 @@ def _budget(text):
 def _check_layer_syntax(text):
     from pyactadd.measure.sweep import parse_layers
 
-    parse_layers(text, 1 << 30)  # syntax only; the range is checked once the model is known
+    parse_layers(text, None)  # syntax only; the model's range is checked once it is known
     return text
 
 
 _OPTIONS = [
-    click.option("-p", "--positive", default=None, help="The prompt to steer towards, e.g. ' weddings'."),
-    click.option("-n", "--negative", default=None, help="The prompt to steer away from, e.g. ' '."),
+    click.option("-p", "--positive", type=Text(), default=None, help="The prompt to steer towards, e.g. ' weddings'."),
+    click.option("-n", "--negative", type=Text(), default=None, help="The prompt to steer away from, e.g. ' '."),
     click.option(
         "--vector",
         "vector_file",
@@ -87,14 +87,15 @@ _OPTIONS = [
     click.option("--write", "write_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Save the recommended vector (one layer, coefficient baked in) to this GGUF file."),
     click.option(
         "--anchor",
+        type=Text(),
         default="auto",
         show_default=True,
         help="Token before both prompts and every scored sentence: auto (BOS if the model adds it, else its end-of-text token, "
         "<|endoftext|> on SmolLM2), none, bos or a token.",
     ),
-    click.option("--pad", default=" ", show_default="' '", help="Single-token text that right-pads the shorter prompt."),
+    click.option("--pad", type=Text(), default=" ", show_default="' '", help="Single-token text that right-pads the shorter prompt."),
     click.option("--keep-outliers", is_flag=True, help="Keep rows that sit on attention sinks (default: zero them)."),
-    click.option("--targets", default=None, help="Comma-separated words for the steering score (default: picked from the on-target text)."),
+    click.option("--targets", type=Text(), default=None, help="Comma-separated words for the steering score (default: picked from the on-target text)."),
     click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Prompts for the steering score, one a line (default: six neutral prompts)."),
     click.option("--score-positions", type=click.IntRange(1, 256), default=8, show_default=True, help="Generated positions the steering score averages over."),
     click.option("--controls", type=click.IntRange(0, 100), default=3, show_default=True, help="Norm-matched random vectors evaluated at the recommended cell."),
@@ -151,6 +152,7 @@ def sweep_command(
     prompts = _read_prompts(prompts_file)
     words = _target_words(targets)
     model_path = gguf_model(model)
+    check_context_memory(model_path, n_ctx)
 
     def extracting(chosen: list[int]) -> None:
         click.echo(f"Extracting {positive!r} - {negative!r} at {len(chosen)} layers in one forward pass per prompt", err=True)

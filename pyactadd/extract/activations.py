@@ -2,27 +2,51 @@
 
 A forward pre-hook on block ``L`` sees exactly ``hidden_states[L]`` of transformers, which
 is pyactadd's layer ``L`` (see :mod:`pyactadd.vector.layers`). :func:`record_block_inputs`
-runs one batch; :func:`record_pairs` runs many pairs in batches, in either of the two
-ways the extraction methods read them (:data:`pyactadd.extract.methods.POSITIONS` and
-``LAST_TOKENS``).
+runs one batch through a whole model; :func:`record_pairs` runs many pairs in batches, in
+either of the two ways the extraction methods read them
+(:data:`pyactadd.extract.methods.POSITIONS` and ``LAST_TOKENS``), through any
+:data:`BlockInputs` (a whole model: :func:`whole_model_inputs`; a GGUF streamed block by
+block: :mod:`pyactadd.extract.streaming`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from pyactadd.errors import InputError
+from pyactadd.extract.sinks import SinkCheck
 from pyactadd.extract.torch_model import model_blocks
 
 if TYPE_CHECKING:
     import torch
 
-    from pyactadd.extract.sinks import SinkCheck
-
 PairIds = Sequence[tuple[list[int], list[int]]]
 """Token ids of each pair: (positive, negative), unpadded."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batched pass: token-id rows of one length, and a right-padding mask (1 real, 0 pad) or None."""
+
+    ids: list[list[int]]
+    mask: list[list[int]] | None = None
+
+
+BlockInputs = Callable[[Sequence[Batch], Sequence[int]], Iterable[dict[int, np.ndarray]]]
+"""Where block inputs come from: ``run(batches, layers)`` gives each batch's ``{L: float32 [n, P, n_embd]}``, in order."""
+
+
+def whole_model_inputs(model: torch.nn.Module) -> BlockInputs:
+    """:data:`BlockInputs` of a loaded model: one forward pass per batch (:func:`record_block_inputs`), lazily."""
+
+    def run(batches: Sequence[Batch], layers: Sequence[int]) -> Iterator[dict[int, np.ndarray]]:
+        for batch in batches:
+            yield record_block_inputs(model, batch.ids, layers, attention_mask=batch.mask)
+
+    return run
 
 
 class _StopForward(Exception):
@@ -55,8 +79,8 @@ def record_block_inputs(
     """
     import torch
 
-    rows = _checked_rows(batch_ids)
-    mask_rows = None if attention_mask is None else _checked_mask(attention_mask, rows)
+    rows = checked_batch(batch_ids)
+    mask_rows = None if attention_mask is None else checked_mask(attention_mask, rows)
     blocks = model_blocks(model)
     wanted = sorted({int(layer) for layer in layers})
     if not wanted:
@@ -103,8 +127,13 @@ def _capture(layer: int, captured: dict, *, stop: bool):
     return hook
 
 
-def _checked_rows(batch_ids: Sequence[Sequence[int]]) -> list[list[int]]:
-    rows = [list(ids) for ids in batch_ids]
+def checked_batch(batch_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The batch's prompts as lists of ints.
+
+    Raises:
+        InputError: no prompts, an empty prompt, or prompts of different lengths.
+    """
+    rows = [[int(token) for token in ids] for ids in batch_ids]
     if not rows or not rows[0]:
         raise InputError("record_block_inputs needs at least one non-empty prompt")
     if any(len(ids) != len(rows[0]) for ids in rows):
@@ -114,7 +143,12 @@ def _checked_rows(batch_ids: Sequence[Sequence[int]]) -> list[list[int]]:
     return rows
 
 
-def _checked_mask(mask: Sequence[Sequence[int]], rows: list[list[int]]) -> list[list[int]]:
+def checked_mask(mask: Sequence[Sequence[int]], rows: list[list[int]]) -> list[list[int]]:
+    """``mask`` as lists of ints.
+
+    Raises:
+        InputError: not the batch's shape, or not a right-padding mask.
+    """
     checked = [[int(bit) for bit in row] for row in mask]
     if len(checked) != len(rows) or any(len(bits) != len(rows[0]) for bits in checked):
         raise InputError(f"attention_mask must have the batch's shape {len(rows)} x {len(rows[0])}")
@@ -129,53 +163,75 @@ def _device_of(model: torch.nn.Module):
     return next(model.parameters()).device
 
 
-def record_pairs(
-    model: torch.nn.Module,
-    ids: PairIds,
-    layers: Sequence[int],
-    *,
-    last_tokens: bool,
-    pad_id: int,
-    n_embd: int,
-    batch_size: int,
-    on_batch: Callable[[int], object] | None = None,
-    sinks: SinkCheck | None = None,
-) -> dict[int, np.ndarray]:
-    """Run many pairs through ``model`` in batches of ``batch_size``, both prompts of a pair in one batch.
+def pair_batches(ids: PairIds, *, last_tokens: bool, pad_id: int, batch_size: int) -> list[Batch]:
+    """The batches :func:`record_pairs` runs: ``batch_size`` pairs each, positive then negative prompt of each pair.
 
-    ``last_tokens=False`` (every position): every prompt is right-padded with ``pad_id``
-    to the longest prompt of all pairs (pads are real tokens: no mask), and the result is
-    the per-position differences ``positive - negative`` summed over pairs,
-    ``{L: float64 [P, n_embd]}``.
-
-    ``last_tokens=True``: prompts are right-padded within a batch and the padding masked
-    out, so a last token's causal context is never padding; the result is each prompt at
-    its last real token, ``{L: float32 [2 n_pairs, n_embd]}``, pair i's positive prompt at
-    row ``2i`` and its negative at ``2i + 1``.
-
-    ``on_batch(n)`` is called after each batch with its number of pairs; ``sinks`` sees
-    every batch's residuals (padding counted only where it is not masked).
+    Every position (``last_tokens=False``): right-padded with ``pad_id`` to the longest
+    prompt of all pairs, no mask (pads are real tokens). Last tokens: right-padded within
+    the batch and the padding masked out.
     """
     n_positions = max(len(seq) for pair in ids for seq in pair)
-    shape = (2 * len(ids), n_embd) if last_tokens else (n_positions, n_embd)
-    found = {layer: np.zeros(shape, dtype=np.float32 if last_tokens else np.float64) for layer in layers}
+    batches = []
     for start in range(0, len(ids), batch_size):
         sequences = [seq for pair in ids[start : start + batch_size] for seq in pair]
         width = max(len(seq) for seq in sequences) if last_tokens else n_positions
-        batch = [seq + [pad_id] * (width - len(seq)) for seq in sequences]
+        padded = [seq + [pad_id] * (width - len(seq)) for seq in sequences]
         mask = [[1] * len(seq) + [0] * (width - len(seq)) for seq in sequences] if last_tokens else None
-        residuals = record_block_inputs(model, batch, layers, attention_mask=mask)
+        batches.append(Batch(padded, mask))
+    return batches
+
+
+def record_pairs(
+    run: BlockInputs,
+    ids: PairIds,
+    batches: Sequence[Batch],
+    layers: Sequence[int],
+    *,
+    n_embd: int,
+    on_batch: Callable[[int], object] | None = None,
+    reference: Sequence[int] | None = None,
+) -> tuple[dict[int, np.ndarray], SinkCheck | None]:
+    """Run many pairs through ``run`` in ``batches``, as :func:`pair_batches` made them from ``ids``.
+
+    Every position (unmasked batches): the result is the per-position differences
+    ``positive - negative`` summed over pairs, ``{L: float64 [P, n_embd]}``.
+
+    Last tokens (masked batches): each prompt at its last real token (whose causal context is
+    never padding), ``{L: float32 [2 n_pairs, n_embd]}``, pair i's positive prompt at row
+    ``2i`` and its negative at ``2i + 1``.
+
+    ``reference`` (token ids), when given, runs first in the same pass and becomes the
+    :class:`~pyactadd.extract.sinks.SinkCheck` that sees every batch's residuals (padding
+    counted only where it is not masked); it is returned with the result (else None).
+    ``on_batch(n)`` is called after each batch with its number of pairs.
+    """
+    last_tokens = batches[0].mask is not None
+    n_positions = max(len(seq) for pair in ids for seq in pair)
+    shape = (2 * len(ids), n_embd) if last_tokens else (n_positions, n_embd)
+    found = {layer: np.zeros(shape, dtype=np.float32 if last_tokens else np.float64) for layer in layers}
+    results = iter(run(([Batch([list(reference)])] if reference is not None else []) + batches, layers))
+    sinks = SinkCheck(next(results)) if reference is not None else None
+    start = 0
+    for batch, residuals in zip(batches, results):
+        lengths = [sum(bits) for bits in batch.mask] if batch.mask is not None else None
         for layer in layers:
-            h = residuals[layer]
-            if last_tokens:
-                for row, seq in enumerate(sequences):
-                    found[layer][2 * start + row] = h[row, len(seq) - 1]
-                if sinks is not None:
-                    sinks.add_prompts(layer, h, [len(seq) for seq in sequences])
-            else:
-                found[layer] += (h[0::2] - h[1::2]).astype(np.float64).sum(axis=0)
-                if sinks is not None:
-                    sinks.add_pair_rows(layer, h, batch)
+            _add_batch(found[layer], residuals[layer], start, batch, lengths, layer, sinks)
+        start += len(batch.ids) // 2
         if on_batch is not None:
-            on_batch(len(sequences) // 2)
-    return found
+            on_batch(len(batch.ids) // 2)
+    return found, sinks
+
+
+def _add_batch(
+    found: np.ndarray, h: np.ndarray, start: int, batch: Batch, lengths: list[int] | None, layer: int, sinks: SinkCheck | None
+) -> None:
+    """One batch's block inputs ``h`` at ``layer`` into ``found`` (pairs from ``start`` on); ``lengths``: masked batches."""
+    if lengths is not None:
+        for row, length in enumerate(lengths):
+            found[2 * start + row] = h[row, length - 1]
+        if sinks is not None:
+            sinks.add_prompts(layer, h, lengths)
+    else:
+        found += (h[0::2] - h[1::2]).astype(np.float64).sum(axis=0)
+        if sinks is not None:
+            sinks.add_pair_rows(layer, h, batch.ids)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyactadd import gguf_header
+from pyactadd.extract.gguf_tensors import dequantizable_types
 from pyactadd.gguf_header import SkippedArray, TensorInfo
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ def _check_tensors(tensors: list[TensorInfo], expected: dict[str, tuple[int, ...
     missing = sorted(set(expected) - seen - {"output.weight"})
     if missing:
         raise Unsupported(f"no tensor {missing[0]}")
-    supported = _dequantizable_types()
+    supported = dequantizable_types()
     for info in tensors:
         if info.name not in expected:
             raise Unsupported(f"tensor {info.name} is outside the plain llama layout")
@@ -264,18 +265,6 @@ def _config(fields: dict[str, Any], sizes: _Sizes, *, tied: bool) -> dict[str, A
         if isinstance(token, int) and not isinstance(token, bool):
             config[config_key] = token
     return dict(sorted(config.items()))
-
-
-def _dequantizable_types() -> frozenset[int]:
-    """ggml types ``gguf.quants.dequantize`` handles (F32, F16 and the block quantizations it implements)."""
-    from gguf import GGMLQuantizationType
-    from gguf import quants
-
-    known = {GGMLQuantizationType.F32, GGMLQuantizationType.F16}
-    # _type_traits is gguf's registry of quantization classes; read it rather than hard-code
-    # a list that would drift with the installed gguf.
-    known.update(getattr(quants, "_type_traits", {}))
-    return frozenset(int(kind) for kind in known)
 
 
 def convert(plan: ConversionPlan) -> dict[str, torch.Tensor]:

@@ -25,12 +25,12 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from pyactadd.errors import InputError
+from pyactadd.extract.llama_backend import checked_backend
 from pyactadd.extract.methods import LAST_TOKENS, METHODS, POSITIONS, Method
 from pyactadd.extract.options import checked_batch_size, checked_coeff, checked_rows
 from pyactadd.extract.pipeline import (
     DEFAULT_BATCH_SIZE,
     Prepared,
-    load_model,
     prepare,
     progress_bar,
     record,
@@ -59,6 +59,8 @@ def extract_pairs(
     zero_rows: Sequence[int] = (),
     zero_outliers: bool = False,
     progress: bool = False,
+    backend: str = "torch",
+    n_gpu_layers: int | None = None,
 ) -> SteeringVector:
     """Extract one steering vector from many prompt pairs (see the module docstring for the methods).
 
@@ -74,6 +76,7 @@ def extract_pairs(
         pca_center: ``pca`` only: subtract the mean difference first (repeng's ``pca_diff``).
         zero_rows, zero_outliers: ``actadd`` only, as in :func:`pyactadd.extract`.
         progress: show a progress bar on stderr.
+        backend, n_gpu_layers: where the prompts run, as in :func:`pyactadd.extract`.
 
     Warns:
         SinkRowWarning: a row (``actadd``) or a last token (``mean``/``pca``) sits on an
@@ -86,6 +89,7 @@ def extract_pairs(
     chosen = _method(method)
     coeff = checked_coeff(coeff)
     batch_size = checked_batch_size(batch_size)
+    where = checked_backend(backend, n_gpu_layers)
     _check_method_options(chosen, zero_rows, zero_outliers, pca_center)
     prepared = _prepare(pairs, layers, model, pad, anchor)
     if pca_center and len(prepared.pairs) < 2:
@@ -93,7 +97,7 @@ def extract_pairs(
     rows = checked_rows(zero_rows, prepared.n_positions) if chosen.reads == POSITIONS else []
     steered = run_method(
         prepared, chosen, coeff=coeff, center=pca_center, zero_rows=rows, zero_outliers=zero_outliers,
-        batch_size=batch_size, progress=progress, bar=progress,
+        batch_size=batch_size, progress=progress, bar=progress, backend=where,
     )
     return steering_vector(prepared, chosen, steered, coeff)
 
@@ -120,9 +124,8 @@ def last_token_activations(
     """
     batch_size = checked_batch_size(batch_size)
     prepared = _prepare(pairs, layers, model, pad, anchor)
-    torch_model = load_model(prepared, progress=progress)
     with progress_bar(len(prepared.ids), "last tokens", progress) as update:
-        last = record(torch_model, prepared, LAST_TOKENS, batch_size=batch_size, on_batch=update)
+        last, _ = record(prepared, LAST_TOKENS, batch_size=batch_size, on_batch=update, progress=progress)
     return {layer: (rows[0::2].copy(), rows[1::2].copy()) for layer, rows in last.items()}
 
 

@@ -5,9 +5,11 @@ One path for a single pair (:func:`extract`) and for many (:func:`pyactadd.extra
 1. :func:`prepare`: check the layers against the model's metadata and tokenize every
    prompt exactly as llama.cpp will at inference, the anchor token (if any) first (no
    torch yet);
-2. :func:`load_model`: the PyTorch model, checked against the same metadata;
-3. record the residual stream entering each chosen block the way the method reads it
-   (:mod:`pyactadd.extract.activations`), with the norms :mod:`pyactadd.extract.sinks` needs;
+2. :func:`record`: the residual stream entering each chosen block, read the way the
+   method reads it (:mod:`pyactadd.extract.activations`), with the norms
+   :mod:`pyactadd.extract.sinks` needs, from where :mod:`pyactadd.extract.sources` says:
+   the whole PyTorch model (small llama files, Hugging Face directories) or the GGUF
+   streamed one block at a time; the job's memory is checked from the header first;
 4. aggregate with the method (:data:`pyactadd.extract.methods.METHODS`), multiply by the
    coefficient, zero the chosen rows, warn about attention-sink rows;
 5. :func:`steering_vector`: the :class:`~pyactadd.vector.value.SteeringVector`.
@@ -24,24 +26,23 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from pyactadd.default_model import resolve_model
 from pyactadd.errors import InputError
-from pyactadd.extract.activations import record_block_inputs, record_pairs
+from pyactadd.extract.activations import Batch, pair_batches, record_pairs
+from pyactadd.extract.gguf_tensors import read_model_header
+from pyactadd.extract.llama_backend import TORCH, ExtractBackend, checked_backend, llama_block_inputs
 from pyactadd.extract.methods import LAST_TOKENS, METHODS, POSITIONS, Method
 from pyactadd.extract.options import checked_coeff, checked_layers, checked_prompt, checked_rows
 from pyactadd.extract.sinks import REFERENCE_TEXT, SINK_RATIO, SinkCheck, SinkRowWarning, warn_rows
-from pyactadd.extract.torch_model import load_torch_model, model_n_embd, model_n_layer
+from pyactadd.extract.sources import open_block_inputs
 from pyactadd.prompts.pairs import Pair
 from pyactadd.prompts.tokens import Tokenizer, apply_anchor, fingerprint_of, resolve_anchor
 from pyactadd.vector.layers import check_layer
 from pyactadd.vector.value import ModelFingerprint, SteeringVector
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -51,7 +52,6 @@ __all__ = [
     "SinkRowWarning",
     "Steered",
     "extract",
-    "load_model",
     "prepare",
     "progress_bar",
     "record",
@@ -100,7 +100,12 @@ def prepare(pairs: Sequence[Pair], layers: int | Sequence[int], model, pad: str,
     """
     wanted = checked_layers(layers)
     model_path = resolve_model(model)
-    tokenizer = Tokenizer.from_model(model_path)
+    try:
+        tokenizer = Tokenizer.from_model(model_path)
+    except InputError:
+        if not model_path.is_dir():
+            read_model_header(model_path)  # a file cut short says so, rather than llama.cpp's "failed to load"
+        raise
     fingerprint = fingerprint_of(model_path)
     if fingerprint.n_layer is not None:
         for layer in wanted:
@@ -112,27 +117,6 @@ def prepare(pairs: Sequence[Pair], layers: int | Sequence[int], model, pad: str,
         for p in pairs
     ]
     return Prepared(list(pairs), wanted, model_path, fingerprint, tokenizer, pad_id, anchor, anchor_id, ids)
-
-
-def load_model(prepared: Prepared, *, progress: bool = False) -> torch.nn.Module:
-    """The PyTorch model ``prepared`` is for, checked against the file's own sizes.
-
-    Extraction's one way to a model: the pipeline records from whatever this returns.
-
-    Raises:
-        InputError: a layer the loaded model lacks, or sizes other than the metadata's.
-    """
-    model = load_torch_model(prepared.model_path, progress=progress)
-    n_layer, n_embd = model_n_layer(model), model_n_embd(model)
-    for layer in prepared.layers:
-        check_layer(layer, n_layer)
-    fingerprint = prepared.fingerprint
-    if n_embd != fingerprint.n_embd or n_layer != (fingerprint.n_layer or n_layer):
-        raise InputError(
-            f"the PyTorch model of {prepared.model_path.name} has n_embd {n_embd} and {n_layer} blocks "
-            f"but its metadata says {fingerprint.describe()}: this model is not supported for extraction"
-        )
-    return model
 
 
 def run_method(
@@ -147,20 +131,21 @@ def run_method(
     progress: bool = False,
     bar: bool = False,
     stacklevel: int = 2,
+    backend: ExtractBackend = TORCH,
 ) -> Steered:
-    """Load the model, record what ``method`` reads, aggregate, zero rows and warn about sinks.
+    """Record what ``method`` reads, aggregate, zero rows and warn about sinks.
 
-    Arguments are checked already (:mod:`pyactadd.extract.options`). ``progress``: the
-    model's conversion message; ``bar``: a progress bar over the pairs. ``stacklevel`` is
-    what the caller would pass to :func:`warnings.warn` for a :class:`SinkRowWarning`.
+    Arguments are checked already (:mod:`pyactadd.extract.options`). ``progress``: a line
+    on stderr when the model is converted or streamed; ``bar``: a progress bar over the
+    pairs. ``stacklevel`` is what the caller would pass to :func:`warnings.warn` for a
+    :class:`SinkRowWarning`.
     """
-    model = load_model(prepared, progress=progress)
-    reference_ids = apply_anchor(prepared.tokenizer.encode(REFERENCE_TEXT), prepared.anchor_id)
-    sinks = SinkCheck(record_block_inputs(model, [reference_ids], prepared.layers))
     with progress_bar(len(prepared.ids), method.name, bar) as update:
-        recorded = record(model, prepared, method.reads, batch_size=batch_size, on_batch=update, sinks=sinks)
+        recorded, sinks = record(
+            prepared, method.reads, batch_size=batch_size, on_batch=update, progress=progress, sinks=True, backend=backend
+        )
     rows, explained = _aggregate(method, recorded, len(prepared.ids), coeff, center)
-    metadata = method.metadata(center, explained)
+    metadata = {**method.metadata(center, explained), **backend.metadata()}
     if method.reads != POSITIONS:
         for layer in prepared.layers:
             sinks.check_last_tokens(layer, recorded[layer], prepared.ids)
@@ -171,26 +156,33 @@ def run_method(
 
 
 def record(
-    model: torch.nn.Module,
     prepared: Prepared,
     reads: str,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_batch: Callable[[int], object] | None = None,
-    sinks: SinkCheck | None = None,
-) -> dict[int, np.ndarray]:
-    """The prepared pairs' activations at every chosen layer, read as ``reads`` says (see
-    :func:`pyactadd.extract.activations.record_pairs`)."""
+    progress: bool = False,
+    sinks: bool = False,
+    backend: ExtractBackend = TORCH,
+) -> tuple[dict[int, np.ndarray], SinkCheck | None]:
+    """The prepared pairs' activations at every chosen layer, read as ``reads`` says, in one pass over the model.
+
+    The one place block inputs are recorded: the batches are planned, the source opened
+    (:func:`pyactadd.extract.sources.open_block_inputs`: the model checked, the memory
+    estimated, nothing computed yet) and run. With ``sinks``, :data:`REFERENCE_TEXT` runs
+    in the same pass and the :class:`SinkCheck` comes back with the activations (else None);
+    see :func:`pyactadd.extract.activations.record_pairs` for the rest.
+    """
+    last_tokens = reads == LAST_TOKENS
+    reference = apply_anchor(prepared.tokenizer.encode(REFERENCE_TEXT), prepared.anchor_id) if sinks else None
+    batches = pair_batches(prepared.ids, last_tokens=last_tokens, pad_id=prepared.pad_id, batch_size=batch_size)
+    planned = ([Batch([reference])] if reference is not None else []) + batches
+    if backend.name == "llama":  # inside llama.cpp, on the file's own weights (pyactadd.extract.llama_backend)
+        run = llama_block_inputs(prepared.model_path, prepared.fingerprint, prepared.layers, backend)
+    else:
+        run = open_block_inputs(prepared.model_path, prepared.fingerprint, prepared.layers, planned, progress=progress)
     return record_pairs(
-        model,
-        prepared.ids,
-        prepared.layers,
-        last_tokens=reads == LAST_TOKENS,
-        pad_id=prepared.pad_id,
-        n_embd=prepared.fingerprint.n_embd,
-        batch_size=batch_size,
-        on_batch=on_batch,
-        sinks=sinks,
+        run, prepared.ids, batches, prepared.layers, n_embd=prepared.fingerprint.n_embd, on_batch=on_batch, reference=reference
     )
 
 
@@ -236,6 +228,8 @@ def extract(
     zero_rows: Sequence[int] = (),
     zero_outliers: bool = False,
     progress: bool = False,
+    backend: str = "torch",
+    n_gpu_layers: int | None = None,
 ) -> SteeringVector:
     """Extract an ActAdd steering vector ``coeff * (h_pos - h_neg)`` for each layer in ``layers``.
 
@@ -252,6 +246,10 @@ def extract(
         zero_rows: positions whose rows are set to zero in every layer.
         zero_outliers: zero the rows that trigger :class:`SinkRowWarning` instead of warning.
         progress: print a line to stderr when a GGUF model is converted (its first use).
+        backend: ``"torch"`` (float32 PyTorch, the paper's numerics) or ``"llama"`` (inside
+            llama.cpp on the file's own quantized weights, any architecture llama.cpp runs;
+            the file then records ``backend``; see :mod:`pyactadd.extract.llama_backend`).
+        n_gpu_layers: ``backend="llama"`` only: layers llama.cpp offloads to a GPU (-1: all).
 
     Returns:
         A :class:`SteeringVector` with float32 rows ``[P, n_embd]`` per layer; the same
@@ -267,11 +265,14 @@ def extract(
             or anchor that is not one token, a zero row out of range, or a missing model.
     """
     coeff = checked_coeff(coeff)
+    chosen = checked_backend(backend, n_gpu_layers)
     pair = Pair(checked_prompt("positive", positive), checked_prompt("negative", negative))
     prepared = prepare([pair], layers, model, pad, anchor)
     rows = checked_rows(zero_rows, prepared.n_positions)
     actadd = METHODS["actadd"]
-    steered = run_method(prepared, actadd, coeff=coeff, zero_rows=rows, zero_outliers=zero_outliers, progress=progress)
+    steered = run_method(
+        prepared, actadd, coeff=coeff, zero_rows=rows, zero_outliers=zero_outliers, progress=progress, backend=chosen
+    )
     return steering_vector(prepared, actadd, steered, coeff, name_method=False)
 
 

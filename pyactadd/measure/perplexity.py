@@ -37,7 +37,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from pyactadd.errors import EngineError, InputError
-from pyactadd.files import atomic_write
+from pyactadd.files import atomic_write, remove_stale_temps, sigint_held
 from pyactadd.native import default_threads, llama_cpp_module
 
 DEFAULT_N_CTX = 1024
@@ -119,7 +119,9 @@ def float32_copy(model_path: str | os.PathLike[str]) -> Path:
     less (docs/performance.md has the numbers).
 
     The copy lives in ``<cache>/gguf-f32/`` (see :func:`pyactadd.extract.torch_model.cache_root`),
-    keyed by the model's path, size and modification time.
+    keyed by the model's path, size and modification time. Half-written copies left there
+    by a killed run are removed first (only those whose process is gone). Ctrl-C during
+    the conversion takes effect when llama.cpp returns (it cannot stop mid-way).
 
     Raises:
         InputError: llama.cpp cannot read or convert the model.
@@ -133,9 +135,10 @@ def float32_copy(model_path: str | os.PathLike[str]) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_root() / "gguf-f32" / f"{path.stem}-{key}-f32.gguf"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target.parent)
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     params = lc.llama_model_quantize_default_params()
     params.ftype = lc.LLAMA_FTYPE_ALL_F32
     params.allow_requantize = True
@@ -145,7 +148,8 @@ def float32_copy(model_path: str | os.PathLike[str]) -> Path:
     set_verbose(False)  # llama.cpp logs every tensor it converts
 
     def expand(temp: Path) -> None:
-        rc = lc.llama_model_quantize(str(path).encode(), str(temp).encode(), params)
+        with sigint_held():
+            rc = lc.llama_model_quantize(str(path).encode(), str(temp).encode(), params)
         if rc != 0:
             raise InputError(f"llama.cpp could not expand {path.name} to float32 (code {rc}): use compute='model'")
 

@@ -40,7 +40,7 @@ import numpy as np
 from pyactadd.errors import InputError
 from pyactadd.files import atomic_write_text
 from pyactadd.native import llama_cpp_module
-from pyactadd.vector.layers import check_layer
+from pyactadd.vector.layers import MAX_LAYER, check_layer
 from pyactadd.measure.perplexity import BatchScorer, Perplexity, Plan, logsumexp_rows
 from pyactadd.vector.value import SteeringVector
 
@@ -87,40 +87,51 @@ CSV_COLUMNS = (
 # ---------------------------------------------------------------- parsing
 
 
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-|:)\s*(\d+)\s*(?::\s*(\d+)\s*)?$")
+# ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
+_LAYER_ITEM = re.compile(r"\s*([0-9]+)\s*(?:[-:]\s*([0-9]+)\s*(?::\s*([0-9]+)\s*)?)?", re.ASCII)
 
 
-def parse_layers(spec: str | None, n_layer: int) -> list[int]:
+def parse_layers(spec: str | None, n_layer: int | None) -> list[int]:
     """Layers from ``spec``: ``all`` (or None), numbers and inclusive ranges, comma-separated.
 
     ``"1-29"``, ``"2,4,8"``, ``"2:29:3"`` (2, 5, ..., 29), ``"8-20:4"`` (8, 12, 16, 20).
+    With ``n_layer=None`` (the model not known yet) only the syntax is checked, layers
+    against ``1 .. MAX_LAYER``, and ``all`` gives ``[]``. Both ends of a range are checked
+    before it is expanded.
 
     Raises:
         InputError: the spec does not parse, or names a layer outside ``1 .. n_layer - 1``.
     """
     if spec is None or spec.strip().lower() == "all":
-        return list(range(1, n_layer))
+        return list(range(1, n_layer)) if n_layer is not None else []
     hint = "use numbers and ranges such as 1-29, 2,4,8 or 2:29:3 (from:to:step, both ends included)"
     layers: set[int] = set()
     for item in spec.split(","):
-        item = item.strip()
-        if item.isdigit():
-            found = [int(item)]
-        else:
-            match = _RANGE.match(item)
-            if not match:
-                raise InputError(f"cannot parse layers {spec!r}: {item!r} is not a layer or a range; {hint}")
-            start, stop = int(match.group(1)), int(match.group(2))
-            step = int(match.group(3)) if match.group(3) else 1
-            if step < 1 or start > stop:
-                raise InputError(f"cannot parse layers {spec!r}: {item!r} is an empty range; {hint}")
-            found = list(range(start, stop + 1, step))
-        for layer in found:
-            check_layer(layer, n_layer)
-        layers.update(found)
-    if not layers:
-        raise InputError(f"no layers in {spec!r}: {hint}")
+        match = _LAYER_ITEM.fullmatch(item)
+        if not match:
+            raise InputError(f"cannot parse layers {spec!r}: {item.strip()!r} is not a layer or a range; {hint}")
+        start, stop, step = (_layer_number(group) for group in match.groups())
+        stop = start if stop is None else stop
+        if step == 0 or start > stop:
+            raise InputError(f"cannot parse layers {spec!r}: {item.strip()!r} is an empty range; {hint}")
+        for layer in (start, stop):
+            _check_layer_bound(layer, n_layer)
+        layers.update(range(start, stop + 1, step or 1))
     return sorted(layers)
+
+
+def _layer_number(digits: str | None) -> int | None:
+    # A number too long to be a layer is capped before int() (which refuses over 4300 digits).
+    return None if digits is None else int(digits) if len(digits) <= 9 else 10**9
+
+
+def _check_layer_bound(layer: int, n_layer: int | None) -> None:
+    if n_layer is not None:
+        check_layer(layer, n_layer)
+    elif layer < 1:
+        raise InputError(f"layer {layer} is out of range: layers start at 1 (L is the residual stream entering block L)")
+    elif layer > MAX_LAYER:
+        raise InputError(f"layer {layer} is out of range: no model has that many blocks (layers are 1 to n_layer - 1)")
 
 
 def parse_coeffs(text: str | Sequence[float] | None) -> list[float]:

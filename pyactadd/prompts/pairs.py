@@ -43,6 +43,9 @@ def load_pairs(path: str | os.PathLike[str]) -> list[Pair]:
             item = json.loads(line)
         except ValueError as exc:
             raise InputError(f"{file} line {number} is not JSON ({exc.msg}): write one object per line") from None
+        except RecursionError:
+            # json's C decoder counts its depth against the recursion limit and stops safely.
+            raise InputError(f"{file} line {number} nests JSON too deeply: write one flat object per line") from None
         if not isinstance(item, dict):
             raise InputError(
                 f"{file} line {number} must be an object {{\"positive\": ..., \"negative\": ...}}, got {type(item).__name__}"

@@ -91,12 +91,13 @@ class Tokenizer(abc.ABC):
         special-token text such as ``<|im_start|>`` is always parsed as the special token.
 
         Raises:
-            InputError: ``text`` is empty or not a string.
+            InputError: ``text`` is empty, not a string, or not encodable as UTF-8.
         """
         if not isinstance(text, str):
             raise InputError(f"prompt must be text, got {type(text).__name__}")
         if not text:
             raise InputError("empty prompt: give a non-empty text")
+        check_utf8(text, "the prompt")
         return self._encode(text, add_special)
 
     def single_token(self, text: str, what: str, *, example: str = "' '") -> int:
@@ -110,6 +111,7 @@ class Tokenizer(abc.ABC):
         """
         if not isinstance(text, str):
             raise InputError(f"{what} must be text, got {type(text).__name__}")
+        check_utf8(text, f"the {what} text")
         ids = self._encode(text, False) if text else []
         if len(ids) != 1:
             shown = ", ".join(repr(self.decode([i])) for i in ids[:8]) + (", …" if len(ids) > 8 else "")
@@ -118,6 +120,26 @@ class Tokenizer(abc.ABC):
                 f"{what} text {text!r} is {len(ids)} tokens{pieces}; pick a single-token {what} such as {example}"
             )
         return ids[0]
+
+
+def check_utf8(text: str, what: str) -> None:
+    """Raise InputError if ``text`` cannot be encoded as UTF-8, naming ``what`` it is.
+
+    A command-line argument that is not UTF-8 reaches Python as lone surrogates
+    (``"\\udcff"``), as ``"\\ud800"`` in JSON does; llama.cpp's tokenizers take UTF-8 bytes.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        if 0xDC80 <= code <= 0xDCFF:  # how Python decodes a byte that is not UTF-8 (surrogateescape)
+            raise InputError(
+                f"{what} is not UTF-8: byte 0x{code - 0xDC00:02x} (character {exc.start}) cannot be decoded; "
+                "pass UTF-8 text (set a UTF-8 locale, e.g. LANG=C.UTF-8)"
+            ) from None
+        raise InputError(
+            f"{what} is not valid Unicode text: character {exc.start} is a lone surrogate (U+{code:04X}); send UTF-8 text"
+        ) from None
 
 
 class _GGUFTokenizer(Tokenizer):

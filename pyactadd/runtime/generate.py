@@ -8,6 +8,7 @@ steering.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,8 +17,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from pyactadd.errors import InputError
 from pyactadd.native import default_threads, llama_cpp_module
 from pyactadd.prompts.chat import chat_ids, user_turn
-from pyactadd.prompts.tokens import apply_anchor
-from pyactadd.runtime.steering import Alignment, SteerItem, Steering, steer_items
+from pyactadd.prompts.tokens import apply_anchor, check_utf8
+from pyactadd.runtime.steering import Alignment, SteerItem, Steering, check_count, check_type, steer_items
 
 if TYPE_CHECKING:
     from pyactadd.runtime.rpc import Placement
@@ -30,7 +31,17 @@ class Sampling:
     max_tokens: int = 48
     temperature: float = 0.7
     top_p: float = 0.95
-    seed: int = 0
+    seed: int | None = 0  # None: llama.cpp draws one
+
+    def __post_init__(self) -> None:
+        check_count(self.max_tokens, "max_tokens", 1)
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            check_type(value, numbers.Real, name, "a number")
+            if not 0 <= value < float("inf"):
+                raise InputError(f"{name} must be a finite number >= 0, got {value}")
+        if self.seed is not None:
+            check_count(self.seed, "seed")
 
     def as_dict(self) -> dict:
         """The settings as a plain dict (for JSON output)."""
@@ -51,14 +62,18 @@ def load_llama(
     instead of this process; steering works the same either way.
 
     Raises:
-        InputError: the file is missing, llama.cpp cannot load it, or a worker is not reachable.
+        InputError: an argument of the wrong type (named), the file is missing, llama.cpp
+            cannot load it, or a worker is not reachable.
     """
+    check_type(model_path, (str, os.PathLike), "model_path", "a path to a GGUF model file")
+    check_count(n_ctx, "n_ctx", 16)
+    if n_threads is not None:
+        check_count(n_threads, "n_threads", 1)
+    check_count(n_batch, "n_batch", 1)
     lc = llama_cpp_module()
     path = Path(model_path)
     if not path.is_file():
         raise InputError(f"no such model file: {path}")
-    if n_ctx < 16:
-        raise InputError(f"--n-ctx must be at least 16, got {n_ctx}")
     kwargs = dict(
         model_path=str(path),
         n_ctx=n_ctx,
@@ -82,9 +97,16 @@ def load_llama(
 
 
 def prompt_tokens(llama, prompt: str, *, chat: bool = False, anchor_id: int | None = None) -> list[int]:
-    """The token ids llama.cpp evaluates for ``prompt`` (chat template and anchor applied)."""
-    if not prompt or not prompt.strip():
+    """The token ids llama.cpp evaluates for ``prompt`` (chat template and anchor applied).
+
+    Raises:
+        InputError: the prompt is not text, is empty, or holds a character UTF-8 cannot encode
+            (a lone surrogate, as a non-UTF-8 argument or ``"\\ud800"`` in JSON decodes to).
+    """
+    check_type(prompt, str, "prompt", "a string")
+    if not prompt.strip():
         raise InputError("empty prompt: give a non-empty text")
+    check_utf8(prompt, "the prompt")
     if chat:
         return chat_ids(llama, user_turn(prompt), anchor_id=anchor_id)
     ids = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
@@ -104,6 +126,7 @@ def complete(llama, ids: Sequence[int], sampling: Sampling, *, on_text: Callable
 
     ``on_text`` receives text pieces as they are generated (for streaming to a terminal).
     """
+    check_type(sampling, Sampling, "sampling", "a pyactadd.Sampling")
     steering = Steering.of(llama)
     steering.reset_stats()
     if len(ids) + sampling.max_tokens > llama.n_ctx():
@@ -148,7 +171,14 @@ def run(
     its own alignment (the item's, else the file's) unless ``align`` overrides them all.
 
     Returns a dict with ``prompt_tokens``, ``steered`` and, with ``compare``, ``unsteered``.
+
+    Raises:
+        InputError: an argument of the wrong type (named) or a bad prompt or vector.
+        EngineError: the Llama is closed, or closed during the run.
     """
+    check_type(sampling, Sampling, "sampling", "a pyactadd.Sampling")
+    if on_text is not None and not callable(on_text):
+        raise InputError(f"on_text must be a function of one string, got {type(on_text).__name__}")
     steering = Steering.of(llama)
     ids = prompt_tokens(llama, prompt, chat=chat, anchor_id=common_anchor(vectors))
     result: dict = {"prompt_tokens": ids}
@@ -159,5 +189,6 @@ def run(
     try:
         result["steered"] = complete(llama, ids, sampling, on_text=on_text)
     finally:
-        steering.clear()
+        if not steering.closed:
+            steering.clear()
     return result

@@ -17,14 +17,23 @@ Alignment of a vector's rows [P, n_embd] with the sequence:
 
 Each vector takes its own alignment (the one given with it, else the file's), so one
 :meth:`Steering.set` can mix them; ``align=`` overrides them all.
+
+Misuse never reaches C: attaching puts a :class:`LlamaGuard` in front of the Llama's
+public methods, so a call after ``close()`` raises EngineError instead of touching a freed
+context, ``close()`` during a generation on another thread frees the model only once that
+generation has stopped (at its next decode, with EngineError), and a steering change
+while a generation runs is refused with EngineError rather than racing llama_decode.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import numbers
+import threading
+from collections.abc import Iterator as AnyIterator
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -41,9 +50,34 @@ ALIGNMENTS = ("front", "back", "all")
 SteerItem = Union[Tuple[SteeringVector, float], Tuple[SteeringVector, float, Optional[Alignment]]]
 
 
+def check_type(value: Any, kinds: type | tuple[type, ...], param: str, what: str) -> None:
+    """Raise InputError naming ``param`` unless ``value`` is an instance of ``kinds``.
+
+    A bool is not accepted as a number (``True`` is an int to Python, never to a caller).
+    """
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,))):
+        raise InputError(f"{param} must be {what}, got {type(value).__name__} {_shown(value)}")
+
+
+def check_count(value: Any, param: str, minimum: int = 0) -> int:
+    """``value`` as an int of at least ``minimum``, else InputError naming ``param``."""
+    check_type(value, numbers.Integral, param, "an integer")
+    if value < minimum:
+        raise InputError(f"{param} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def parse_alignment(value: str | int) -> Alignment:
     """Turn ``front``, ``back``, ``all`` or an integer offset (as text or int) into an alignment."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
+        raise InputError(f"unknown alignment {_shown(value)}: use front, back, all or a non-negative position offset")
+    if isinstance(value, numbers.Integral):
+        value = int(value)
         if value < 0:
             raise InputError(f"alignment offset must be >= 0, got {value}")
         return value
@@ -61,13 +95,16 @@ def steer_items(vectors: SteeringVector | Sequence[SteerItem]) -> list[tuple[Ste
     an item without an alignment gets None (the vector's own)."""
     if isinstance(vectors, SteeringVector):
         vectors = [(vectors, 1.0)]
+    check_type(vectors, (list, tuple), "vectors", "a SteeringVector or a list of (vector, coeff[, align]) items")
     items = []
-    for item in vectors:
+    for index, item in enumerate(vectors):
+        check_type(item, (list, tuple), f"vectors[{index}]", "a (vector, coeff) or (vector, coeff, align) tuple")
         if len(item) not in (2, 3):
-            raise InputError(f"a steering item is (vector, coeff) or (vector, coeff, align), got {len(item)} values")
-        vector, coeff = item[0], float(item[1])
+            raise InputError(f"vectors[{index}]: a steering item is (vector, coeff) or (vector, coeff, align), got {len(item)} values")
+        check_type(item[0], SteeringVector, f"vectors[{index}][0]", "a SteeringVector")
+        check_type(item[1], numbers.Real, f"vectors[{index}][1] (the coefficient)", "a number")
         own = parse_alignment(item[2]) if len(item) == 3 and item[2] is not None else None
-        items.append((vector, coeff, own))
+        items.append((item[0], float(item[1]), own))
     return items
 
 
@@ -87,6 +124,122 @@ class Applied:
     coeff: float
     align: Alignment
     offset: int | None  # first position of row 0; None for "all"
+
+
+CLOSED = "this Llama is closed: load the model again (pyactadd.load_llama) to use it"
+
+
+class LlamaGuard:
+    """Stands in front of a ``llama_cpp.Llama``'s public methods so no call reaches a freed context.
+
+    Every wrapped call counts as a use while it runs (a returned generator, such as a
+    streamed completion, until it ends). ``close()`` marks the Llama closed at once, so any
+    later call, and the next decode of a generation in progress on another thread, raises
+    EngineError; the native objects are freed when the last use ends, on the thread that
+    ends it, never under a running decode. A steering change is refused while a
+    generation runs (:meth:`changing`), and holds off a generation about to start until
+    the change is complete.
+    """
+
+    # Calls that decode or sample: a steering change must not overlap them.
+    GENERATING = frozenset(
+        {"eval", "sample", "generate", "create_completion", "create_chat_completion",
+         "create_chat_completion_openai_v1", "embed", "create_embedding", "save_state", "load_state"}
+    )
+    # Public methods that touch no native object.
+    PURE = frozenset({"set_cache", "set_seed", "close"})
+
+    def __init__(self, llama) -> None:
+        self._lock = threading.RLock()
+        self._uses = 0
+        self._generating = 0
+        self._freed = False
+        self.closed = False
+        self._free_native = llama.close
+        for name, attribute in vars(_llama_class()).items():
+            if name.startswith("_") or name in self.PURE or not callable(attribute) or isinstance(attribute, (staticmethod, classmethod)):
+                continue
+            setattr(llama, name, self._wrap(name, getattr(llama, name)))
+        llama.close = self.close
+
+    def _wrap(self, name: str, method: Callable) -> Callable:
+        def guarded(*args, **kwargs):
+            with self.using(name):
+                result = method(*args, **kwargs)
+            if isinstance(result, AnyIterator):
+                return self._held(name, result)
+            return result
+
+        guarded.__name__ = name
+        guarded.__doc__ = method.__doc__
+        return guarded
+
+    def _held(self, name: str, iterator: Iterator) -> Iterator:
+        # A generator's body runs when it is iterated, not when it is made: hold the Llama
+        # from the first item until it ends or is closed.
+        with self.using(name):
+            return (yield from iterator)
+
+    @contextlib.contextmanager
+    def using(self, name: str) -> Iterator[None]:
+        """Count one use of the Llama for the block; EngineError once it is closed."""
+        generating = name in self.GENERATING
+        with self._lock:
+            if self.closed:
+                raise EngineError(f"{CLOSED} ({name}() was called after close())")
+            self._uses += 1
+            self._generating += generating
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._uses -= 1
+                self._generating -= generating
+                free = self._take_free()
+            if free:
+                self._free_native()
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        """Hold the Llama for a steering change: EngineError when closed or while a generation runs."""
+        with self._lock:
+            if self.closed:
+                raise EngineError(CLOSED)
+            if self._generating:
+                raise EngineError(
+                    "steering cannot change while this Llama is generating: change it between completions "
+                    "(a generation in progress keeps the steering it started with)"
+                )
+            yield
+
+    def close(self) -> None:
+        """Close the Llama: now when nothing uses it, else when the last use ends (idempotent)."""
+        with self._lock:
+            self.closed = True
+            free = self._take_free()
+        if free:
+            self._free_native()
+
+    def _take_free(self) -> bool:
+        # Under the lock: whether this caller is the one to free the native objects.
+        if self.closed and self._uses == 0 and not self._freed:
+            self._freed = True
+            return True
+        return False
+
+
+def _llama_class():
+    return llama_cpp_module().Llama
+
+
+def check_open(llama) -> None:
+    """Raise EngineError if ``llama`` is closed, InputError if it is not a ``llama_cpp.Llama``."""
+    if not isinstance(llama, _llama_class()):
+        raise InputError(f"llama must be a llama_cpp.Llama (pyactadd.load_llama makes one), got {type(llama).__name__}")
+    guard = getattr(llama, "_pyactadd_guard", None)
+    model = getattr(getattr(llama, "_model", None), "model", None)
+    if (guard is not None and guard.closed) or model is None or getattr(getattr(llama, "_ctx", None), "ctx", None) is None:
+        raise EngineError(CLOSED)
 
 
 def model_fingerprint(llama) -> ModelFingerprint:
@@ -120,6 +273,8 @@ class Steering:
     """
 
     def __init__(self, llama, *, force_device_copy: bool = False) -> None:
+        check_open(llama)
+        check_type(force_device_copy, bool, "force_device_copy", "True or False")
         engine_mod = engine_module()
         self._llama = llama
         self.fingerprint = model_fingerprint(llama)
@@ -127,10 +282,17 @@ class Steering:
         self._applied: list[Applied] = []
         self._cvec_active = False
         self._attach()
+        self._guard: LlamaGuard = llama._pyactadd_guard
 
     @classmethod
     def of(cls, llama, *, force_device_copy: bool = False) -> "Steering":
-        """The Steering attached to ``llama``, attaching one on first use."""
+        """The Steering attached to ``llama``, attaching one on first use.
+
+        Raises:
+            InputError: ``llama`` is not a ``llama_cpp.Llama``.
+            EngineError: it is closed.
+        """
+        check_open(llama)
         existing = getattr(llama, "_pyactadd_steering", None)
         if existing is None:
             existing = cls(llama, force_device_copy=force_device_copy)
@@ -153,7 +315,17 @@ class Steering:
         # The engine is referenced from the C context through user_data, so it must live
         # as long as the Llama: keep it on the Llama itself.
         llama._pyactadd_steering = self
+        llama._pyactadd_guard = LlamaGuard(llama)
         llama.reset()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the Llama has been closed (every method then raises EngineError)."""
+        return self._guard.closed
+
+    def _check_open(self) -> None:
+        if self._guard.closed:
+            raise EngineError(CLOSED)
 
     @property
     def applied(self) -> tuple[Applied, ...]:
@@ -162,18 +334,23 @@ class Steering:
 
     def set_force_device_copy(self, force: bool) -> None:
         """Route every write through ggml-backend get/set, the path GPU buffers take (for tests)."""
-        self._engine.set_force_device_copy(bool(force))
+        self._check_open()
+        check_type(force, bool, "force_device_copy", "True or False")
+        self._engine.set_force_device_copy(force)
 
     def stats(self) -> dict[str, int]:
         """The engine's counters (layer outputs steered, rows added, device copies, errors)."""
+        self._check_open()
         return dict(self._engine.stats())
 
     def reset_stats(self) -> None:
         """Zero the engine's counters."""
+        self._check_open()
         self._engine.reset_stats()
 
     def check_errors(self) -> None:
         """Raise EngineError if the engine had to skip a tensor since the last reset_stats()."""
+        self._check_open()
         if self._engine.stats()["n_errors"]:
             message = self._engine.last_error()
             self._engine.reset_stats()
@@ -201,21 +378,36 @@ class Steering:
 
         Raises:
             ModelMismatchError: a vector was made for another model.
-            InputError: an alignment the vector cannot take, or a span that does not fit the context.
+            InputError: an argument of the wrong type (named), an alignment the vector cannot
+                take, or a span that does not fit the context.
+            EngineError: the Llama is closed, or is generating (change steering between completions).
         """
-        n_ctx = int(self._llama.n_ctx())
-        planned: list[Applied] = []
-        for vector, coeff, own in steer_items(vectors):
-            vector.check_fits(self.fingerprint)
-            if not np.isfinite(coeff):
-                raise InputError(f"coefficient must be a finite number, got {coeff}")
-            chosen = resolve_alignment(vector, own, align)
-            planned.append(Applied(vector, coeff, chosen, self.first_position(vector, chosen, prompt_length, n_ctx)))
-        self._apply(planned, use_llama_cvec)
+        self._check_open()
+        if prompt_length is not None:
+            check_count(prompt_length, "prompt_length")
+        check_type(use_llama_cvec, bool, "use_llama_cvec", "True or False")
+        items = steer_items(vectors)
+        override = parse_alignment(align) if align is not None else None
+        with self._guard.changing():
+            n_ctx = int(self._llama.n_ctx())
+            planned: list[Applied] = []
+            for vector, coeff, own in items:
+                vector.check_fits(self.fingerprint)
+                if not np.isfinite(coeff):
+                    raise InputError(f"coefficient must be a finite number, got {coeff}")
+                chosen = resolve_alignment(vector, own, override)
+                planned.append(Applied(vector, coeff, chosen, self.first_position(vector, chosen, prompt_length, n_ctx)))
+            self._apply(planned, use_llama_cvec)
 
     def clear(self) -> None:
-        """Remove all steering; the Llama runs unsteered."""
-        self._apply([])
+        """Remove all steering; the Llama runs unsteered.
+
+        Raises:
+            EngineError: the Llama is closed, or is generating.
+        """
+        self._check_open()
+        with self._guard.changing():
+            self._apply([])
 
     @contextlib.contextmanager
     def steer(
@@ -230,7 +422,8 @@ class Steering:
         try:
             yield self
         finally:
-            self.clear()
+            if not self.closed:  # a closed Llama has no steering left to clear
+                self.clear()
 
     @staticmethod
     def first_position(vector: SteeringVector, align: Alignment, prompt_length: int | None, n_ctx: int) -> int | None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, AsyncIterator
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pyactadd.errors import ModelMismatchError, PyactaddError
 from pyactadd.server.plan import Prepared, prepare
-from pyactadd.server.registry import VectorRegistry
+from pyactadd.server.registry import RegistryFull, VectorRegistry
 from pyactadd.server.schemas import ApiError, ChatCompletionRequest, CompletionRequest, check_vector_name, param_of
 from pyactadd.server.worker import BackendLost, Event, Job, QueueFull, Worker
 
@@ -51,6 +51,10 @@ class ServerConfig:
     queue_size: int = 8  # requests waiting behind the running one; more get 503
     max_body_bytes: int = 1 << 20  # JSON request bodies
     max_upload_bytes: int = 64 << 20  # PUT /v1/steering/vectors/{name}
+    # Registered vectors (files and uploads) in all, and their rows' bytes in memory; the
+    # byte limit also bounds the vectors one request names (what it adds to the engine).
+    max_vectors: int = 64
+    max_vector_bytes: int = 512 << 20
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer KEY"
     allow_upload: bool = True
     prompt_cache: bool = False  # reuse the KV prefix between jobs with equal steering (not bit-exact)
@@ -78,6 +82,8 @@ def create_app(llama, registry: VectorRegistry, config: ServerConfig) -> FastAPI
     app.state.config = config
     app.state.created = int(time.time())
     app.add_middleware(BodyLimit, config=config)
+    # Outside the body limit and the parser: a client without the key learns nothing else.
+    app.add_middleware(KeyCheck, api_key=config.api_key)
     if config.allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=config.allowed_hosts)
     _install_error_handlers(app)
@@ -100,7 +106,7 @@ async def _lifespan(app: FastAPI):
 
 def _api() -> APIRouter:
     """The /v1 routes, behind the API key check."""
-    api = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+    api = APIRouter(prefix="/v1")
     api.get("/models")(models)
     api.get("/steering/vectors")(list_vectors)
     api.get("/steering/vectors/{name}")(get_vector)
@@ -109,22 +115,6 @@ def _api() -> APIRouter:
     api.post("/completions")(completions)
     api.post("/chat/completions")(chat_completions)
     return api
-
-
-async def require_key(request: Request) -> None:
-    """Refuse a /v1 request without the server's API key (when it has one) with 401."""
-    config: ServerConfig = request.app.state.config
-    if config.api_key is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-        raise ApiError(
-            401,
-            "missing or wrong API key: send 'Authorization: Bearer KEY' with the server's --api-key",
-            code="invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
 
 
 async def health(request: Request) -> Any:
@@ -176,6 +166,8 @@ async def upload_vector(name: str, request: Request) -> dict[str, Any]:
         raise ApiError(400, "empty body: send the bytes of a .gguf steering file", code="empty_body")
     try:
         entry = await asyncio.to_thread(request.app.state.registry.add_gguf, name, data)
+    except RegistryFull as exc:
+        raise ApiError(exc.status, str(exc), code=exc.code) from None
     except ModelMismatchError as exc:
         raise ApiError(400, str(exc), code="model_mismatch") from None
     except PyactaddError as exc:
@@ -204,7 +196,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def _complete(body, request: Request, *, chat: bool):
     state = request.app.state
     # Tokenizing is quick and thread-safe in llama.cpp; a thread keeps the loop free.
-    prepared = await asyncio.to_thread(prepare, state.llama, state.registry, body, max_tokens_limit=state.config.max_tokens)
+    config: ServerConfig = state.config
+    prepared = await asyncio.to_thread(
+        prepare, state.llama, state.registry, body, max_tokens_limit=config.max_tokens, max_steering_bytes=config.max_vector_bytes
+    )
     return await _answer(request, state.worker, prepared, _Shape(state.config.model_name, chat=chat, body=body))
 
 
@@ -402,7 +397,9 @@ def _validation_error(errors: list[dict[str, Any]]) -> _FieldError:
     """The first validation error as a 400 naming its field."""
     if not errors:
         return _FieldError(400, "invalid request body", code="invalid_request")
-    error = errors[0]
+    # Of a union's errors ("not a string", "not a list", "a lone surrogate"), the one a
+    # validator raised says what is wrong with the value actually sent.
+    error = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if error.get("type") == "json_invalid":
         reason = (error.get("ctx") or {}).get("error", "")
         return _FieldError(400, f"the body is not valid JSON: {reason}".rstrip(": "), code="invalid_json")
@@ -419,6 +416,32 @@ def _validation_error(errors: list[dict[str, Any]]) -> _FieldError:
         message = "the body must be a JSON object"
     text = f"{param}: {message}" if param else message
     return _FieldError(400, text, param=param, code="invalid_value" if param else "invalid_request")
+
+
+class KeyCheck:
+    """ASGI middleware: refuse a /v1 request without the server's API key (when it has one) with 401.
+
+    It runs before the body is read or parsed, so a malformed body without the key is a
+    401, not a 400, and nothing about the request's fields leaks to a client without it.
+    """
+
+    def __init__(self, app, api_key: str | None) -> None:
+        self.app = app
+        self.key = api_key.encode() if api_key is not None else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.key is None or scope["type"] != "http" or not (scope["path"] + "/").startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+            error = ApiError(
+                401, "missing or wrong API key: send 'Authorization: Bearer KEY' with the server's --api-key", code="invalid_api_key"
+            )
+            await JSONResponse(error.payload(), status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class HostCheck:

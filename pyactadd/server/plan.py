@@ -71,14 +71,20 @@ def prepare(
     request: CompletionRequest | ChatCompletionRequest,
     *,
     max_tokens_limit: int,
+    max_steering_bytes: int | None = None,
 ) -> Prepared:
     """Check ``request`` against the model and the registry and build what the worker runs.
+
+    ``max_steering_bytes`` bounds what the request's steering adds to the engine: the
+    engine holds one copy of each named vector's rows (scaled by its coefficient), so a
+    request costs the sum of the vectors it names, repeats counted.
 
     Raises:
         ApiError: 400 naming the field at fault.
     """
     _refuse_misspelt_steering(request)
     entries = _entries(registry, request.steering)
+    _check_steering_size(entries, max_steering_bytes)
     ids = _prompt_ids(llama, request, [(entry.vector, item.coeff) for entry, item in zip(entries, request.steering)])
     n_ctx = int(llama.n_ctx())
     max_tokens = _max_tokens(request, len(ids), n_ctx, max_tokens_limit)
@@ -165,6 +171,18 @@ def _entries(registry: VectorRegistry, items: Sequence[SteeringItem]):
             raise ApiError(400, f"steering vector {item.vector!r} cannot be used: {entry.problem}", param=param, code=code)
         entries.append(entry)
     return entries
+
+
+def _check_steering_size(entries, limit: int | None) -> None:
+    total = sum(entry.nbytes for entry in entries)
+    if limit is not None and total > limit:
+        raise ApiError(
+            400,
+            f"the steering names {total} bytes of vectors, above this server's limit of {limit} per request "
+            "(--max-vector-bytes): name fewer or smaller vectors",
+            param="steering",
+            code="steering_too_large",
+        )
 
 
 def steering_plan(entries, items: Sequence[SteeringItem], *, prompt_length: int, n_ctx: int) -> SteeringPlan:

@@ -5,26 +5,47 @@ A request names a vector (``"love"``), never a path: names are the file stems of
 Every vector is checked against the served model once, when it is registered; one that
 does not fit (another model's, a broken file) stays listed with ``usable: false`` and the
 reason, and a request that names it gets a 400 saying why.
+
+Uploads are bounded: at most ``max_vectors`` entries and ``max_bytes`` of rows (float32,
+as held in memory) in all, files from ``--vectors`` included; an upload past either is
+refused (:class:`RegistryFull`). An upload is read from memory (an anonymous in-memory
+file on Linux) and is never written to disk; messages name the upload, never a path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyactadd.errors import PyactaddError
+from pyactadd.errors import InputError, PyactaddError, SteeringFileError
 from pyactadd.vector.value import ModelFingerprint, SteeringVector
 from pyactadd.server.schemas import VECTOR_NAME
 
 logger = logging.getLogger(__name__)
 
 _uids = itertools.count(1)
+
+
+class RegistryFull(InputError):
+    """An upload would take the registry past its limits; ``status`` and ``code`` say which (409 count, 413 bytes)."""
+
+    def __init__(self, message: str, *, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def vector_bytes(vector: SteeringVector) -> int:
+    """The bytes ``vector``'s rows take in memory (float32)."""
+    return sum(int(rows.nbytes) for rows in vector.layers.values())
 
 
 @dataclass(frozen=True)
@@ -40,6 +61,10 @@ class VectorEntry:
     uid: int
 
     @property
+    def nbytes(self) -> int:
+        return vector_bytes(self.vector) if self.vector is not None else 0
+
+    @property
     def usable(self) -> bool:
         return self.problem is None
 
@@ -52,6 +77,7 @@ class VectorEntry:
             "error": self.problem,
             "origin": self.origin,
             "file": self.file,
+            "bytes": self.nbytes,
         }
         vector = self.vector
         if vector is not None:
@@ -78,8 +104,10 @@ class VectorEntry:
 class VectorRegistry:
     """Named steering vectors for one model (thread-safe)."""
 
-    def __init__(self, fingerprint: ModelFingerprint) -> None:
+    def __init__(self, fingerprint: ModelFingerprint, *, max_vectors: int | None = None, max_bytes: int | None = None) -> None:
         self.fingerprint = fingerprint
+        self.max_vectors = max_vectors
+        self.max_bytes = max_bytes
         self._entries: dict[str, VectorEntry] = {}
         self._lock = threading.Lock()
 
@@ -120,24 +148,27 @@ class VectorRegistry:
 
         Raises:
             ModelMismatchError: the vector was made for another model.
+            RegistryFull: the registry's count or byte limit would be passed.
         """
         vector.check_fits(self.fingerprint)
-        return self._put(VectorEntry(name, vector, origin, None, None, next(_uids)))
+        return self._put(VectorEntry(name, vector, origin, None, None, next(_uids)), limited=True)
 
     def add_gguf(self, name: str, data: bytes) -> VectorEntry:
         """Register the GGUF steering file ``data`` (bytes of an upload) under ``name``.
 
         Raises:
-            SteeringFileError: the bytes are not a steering file.
+            RegistryFull: the registry is full (checked before the bytes are read, and again after).
+            SteeringFileError: the bytes are not a steering file (the message names the upload).
             ModelMismatchError: the vector was made for another model.
         """
-        handle, temp = tempfile.mkstemp(suffix=".gguf", prefix="pyactadd-upload-")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-            vector = SteeringVector.load(temp)
-        finally:
-            os.unlink(temp)
+        with self._lock:
+            self._check_room(name, 0)
+        label = f"the upload {name!r}"
+        with _in_memory_file(data) as path:
+            try:
+                vector = SteeringVector.load(path)
+            except SteeringFileError as exc:
+                raise SteeringFileError(str(exc).replace(path, label)) from None
         return self.add(name, vector, origin="upload")
 
     def remove(self, name: str) -> bool:
@@ -154,10 +185,36 @@ class VectorRegistry:
         with self._lock:
             return [self._entries[name] for name in sorted(self._entries)]
 
-    def _put(self, entry: VectorEntry) -> VectorEntry:
+    def total_bytes(self) -> int:
+        """The bytes of every registered vector's rows."""
         with self._lock:
+            return sum(entry.nbytes for entry in self._entries.values())
+
+    def _put(self, entry: VectorEntry, *, limited: bool = False) -> VectorEntry:
+        with self._lock:
+            if limited:
+                self._check_room(entry.name, entry.nbytes)
             self._entries[entry.name] = entry
         return entry
+
+    def _check_room(self, name: str, nbytes: int) -> None:
+        # Under the lock. An entry of the same name is replaced, so it frees its room.
+        others = [entry for key, entry in self._entries.items() if key != name]
+        if self.max_vectors is not None and len(others) + 1 > self.max_vectors:
+            raise RegistryFull(
+                f"this server holds at most {self.max_vectors} steering vectors (--max-vectors): "
+                "delete one (DELETE /v1/steering/vectors/NAME) before uploading another",
+                status=409,
+                code="too_many_vectors",
+            )
+        used = sum(entry.nbytes for entry in others)
+        if self.max_bytes is not None and used + nbytes > self.max_bytes:
+            raise RegistryFull(
+                f"this vector takes {nbytes} bytes and the server holds {used} of its {self.max_bytes} "
+                "(--max-vector-bytes): delete vectors or upload a smaller one",
+                status=413,
+                code="vectors_too_large",
+            )
 
     def _problem(self, vector: SteeringVector) -> str | None:
         try:
@@ -165,3 +222,30 @@ class VectorRegistry:
         except PyactaddError as exc:
             return str(exc)
         return None
+
+
+@contextlib.contextmanager
+def _in_memory_file(data: bytes):
+    """A path that reads ``data``: an anonymous in-memory file on Linux (never on disk), else a
+    private temp file removed at once."""
+    if hasattr(os, "memfd_create") and sys.platform.startswith("linux"):
+        handle = os.memfd_create("pyactadd-upload", os.MFD_CLOEXEC)
+        try:
+            _write_all(handle, data)
+            yield f"/proc/self/fd/{handle}"
+        finally:
+            os.close(handle)
+        return
+    handle, temp = tempfile.mkstemp(suffix=".gguf", prefix="pyactadd-upload-")
+    try:
+        _write_all(handle, data)
+        yield temp
+    finally:
+        os.close(handle)
+        os.unlink(temp)
+
+
+def _write_all(handle: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(handle, view):]

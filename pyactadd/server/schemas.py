@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pyactadd.errors import InputError
 from pyactadd.runtime.steering import Alignment, parse_alignment
@@ -73,13 +73,38 @@ def check_vector_name(name: str) -> str:
     return name
 
 
+def _not_bool(value: Any) -> Any:
+    # JSON true is not a number: pydantic's lax mode would read it as 1.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+def _utf8_text(value: Any) -> Any:
+    # JSON may carry a lone surrogate ("\ud800"): no UTF-8 encodes it, so llama.cpp's
+    # tokenizer cannot take it. Refused here, with the field named, instead of a 500.
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"character {exc.start} is a lone surrogate (U+{ord(value[exc.start]):04X}), which is not text: send valid UTF-8"
+            ) from None
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Text = Annotated[str, BeforeValidator(_utf8_text)]
+
+
 class SteeringItem(BaseModel):
     """One vector to add: ``{"vector": NAME, "coeff": C, "align": "front"|"back"|"all"|OFFSET}``."""
 
     model_config = ConfigDict(extra="forbid")
 
     vector: str = Field(description="Name of a vector listed by GET /v1/steering/vectors.")
-    coeff: float = Field(1.0, allow_inf_nan=False, description="Multiplies the vector's own coefficient.")
+    coeff: Float = Field(1.0, allow_inf_nan=False, description="Multiplies the vector's own coefficient.")
     align: Optional[Union[int, str]] = Field(
         None, description="front, back, all or a non-negative position offset; default: the vector's own."
     )
@@ -96,12 +121,13 @@ class SteeringItem(BaseModel):
             raise ValueError(f"coefficient {value:g} is out of range: use |coeff| <= {MAX_COEFF:g}")
         return value
 
-    @field_validator("align")
+    @field_validator("align", mode="before")
     @classmethod
-    def _align(cls, value: Union[int, str, None]) -> Optional[Alignment]:
+    def _align(cls, value: Any) -> Optional[Alignment]:
+        # Before pydantic's own parsing, which would read JSON true as the offset 1.
         if value is None:
             return None
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ValueError("alignment must be front, back, all or a non-negative integer offset")
         try:
             return parse_alignment(value)
@@ -139,16 +165,16 @@ class _Generation(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: Optional[str] = Field(None, description="Ignored: the server serves one model (GET /v1/models).")
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(DEFAULT_TOP_P, ge=0.0, le=1.0, allow_inf_nan=False)
-    seed: Optional[int] = Field(None, ge=0, le=SEED_MAX)
-    stop: Optional[Union[str, list[str]]] = None
+    max_tokens: Optional[Int] = Field(None, ge=1)
+    temperature: Float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: Float = Field(DEFAULT_TOP_P, ge=0.0, le=1.0, allow_inf_nan=False)
+    seed: Optional[Int] = Field(None, ge=0, le=SEED_MAX)
+    stop: Optional[Union[Text, list[Text]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    n: Int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    frequency_penalty: Float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    presence_penalty: Float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     logprobs: Optional[Any] = None
     logit_bias: Optional[dict[str, float]] = None
     steering: list[SteeringItem] = Field(default_factory=list, max_length=MAX_STEERING_ITEMS)
@@ -182,10 +208,10 @@ class _Generation(BaseModel):
 class CompletionRequest(_Generation):
     """``POST /v1/completions``."""
 
-    prompt: Union[str, list[str]]
+    prompt: Union[Text, list[Text]]
     echo: bool = False
     suffix: Optional[str] = None
-    best_of: Optional[int] = Field(None, ge=1, le=1)
+    best_of: Optional[Int] = Field(None, ge=1, le=1)
 
     @field_validator("prompt")
     @classmethod
@@ -206,7 +232,7 @@ class TextPart(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
@@ -214,7 +240,7 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: Union[Text, list[TextPart]]
 
     @property
     def text(self) -> str:
@@ -227,7 +253,7 @@ class ChatCompletionRequest(_Generation):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[Int] = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _max_tokens(self):

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from pyactadd.errors import InputError
 
+MAX_LAYER = 1 << 16
+"""Above any model's block count: the bound for a layer number read before the model is
+known, so that a range such as ``1-999999999`` is refused before it is expanded."""
+
 
 def to_llama_index(layer: int) -> int:
     """Map a block-input layer ``L`` to llama.cpp's block-output index ``il = L - 1``."""

@@ -9,6 +9,8 @@ once it listens; every wait here is bounded and :meth:`stop` always ends the pro
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import signal
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import threading
 from typing import Sequence
+from urllib.parse import urlsplit
 
 READY = re.compile(r"listening on (http://[^\s/]+)")
 _LAUNCH = "import sys; from pyactadd.cli import main; sys.exit(main())"
@@ -69,6 +72,11 @@ class ServerProcess:
                 self._ready.set()
         self._ready.set()  # exited: wake start()
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id (for reading its memory in /proc)."""
+        return self._process.pid if self._process is not None else None
+
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
@@ -91,3 +99,22 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def request(url: str, method: str, path: str, body=None, headers=None, timeout: float = 180):
+    """One raw HTTP request; returns (status, headers, parsed JSON or raw bytes)."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        payload = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        sent = {"Content-Type": "application/json", **(headers or {})}
+        connection.request(method, path, body=payload, headers={k: v for k, v in sent.items() if v is not None})
+        response = connection.getresponse()
+        data = response.read()
+        try:
+            parsed = json.loads(data) if data else None
+        except ValueError:
+            parsed = data
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, parsed
+    finally:
+        connection.close()

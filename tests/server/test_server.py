@@ -24,7 +24,7 @@ from pyactadd.cli import main
 from pyactadd.default_model import default_model_path
 from pyactadd.extract.pipeline import extract
 from pyactadd.runtime.generate import Sampling, load_llama, run
-from helpers.server_launcher import ServerProcess
+from helpers.server_launcher import ServerProcess, request
 from pyactadd.server.schemas import param_of
 from pyactadd.vector.value import ModelFingerprint, SteeringVector
 
@@ -71,25 +71,6 @@ def client(server) -> openai.OpenAI:
 def llama():
     """The reference: the default model in this process, as `pyactadd run` loads it."""
     return load_llama(default_model_path(), n_ctx=N_CTX, n_threads=int(THREADS))
-
-
-def request(url: str, method: str, path: str, body=None, headers=None, timeout: float = 180):
-    """One raw HTTP request; returns (status, headers, parsed JSON or raw bytes)."""
-    parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    try:
-        payload = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        sent = {"Content-Type": "application/json", **(headers or {})}
-        connection.request(method, path, body=payload, headers={k: v for k, v in sent.items() if v is not None})
-        response = connection.getresponse()
-        data = response.read()
-        try:
-            parsed = json.loads(data) if data else None
-        except ValueError:
-            parsed = data
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, parsed
-    finally:
-        connection.close()
 
 
 def steer(vector: str, coeff: float, align=None) -> dict:

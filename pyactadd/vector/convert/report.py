@@ -96,12 +96,21 @@ def _mapped(file: Path, loaded: Loaded, model: TargetModel | None) -> dict[str, 
         "prompts": {"positive": vector.positive, "negative": vector.negative},
         "fingerprint": dataclasses.asdict(vector.fingerprint),
         "model_hint": vector.model_hint,
+        "backend": _backend(loaded),
         "fits": _fits(vector.n_embd, vector, model),
         "llama_cpp": {"loadable": loadable, "reason": reason},
     }
     if loaded.origin is not None and loaded.origin.producer == "cvector-generator":
         report["cvector_generator"] = _cvector_generator(vector, loaded.origin.n_layer_hint)
     return report
+
+
+def _backend(loaded: Loaded) -> str | None:
+    """What made a pyactadd file's rows: ``pyactadd.extra.backend`` (written by the llama backend only), else torch;
+    None for other writers' files."""
+    if loaded.producer != "pyactadd":
+        return None
+    return str(loaded.vector.extra.get("backend", "torch"))
 
 
 def _stock_verdict(file: Path, loaded: Loaded) -> tuple[bool, str | None]:
@@ -161,6 +170,7 @@ def _unmapped(file: Path, kind: str, why: str, model: TargetModel | None) -> dic
         "prompts": {"positive": None, "negative": None},
         "fingerprint": None,
         "model_hint": None,
+        "backend": None,
         "fits": _fits(n_embd, None, model),
         "llama_cpp": {"loadable": False, "reason": f"a {kind} file is not GGUF: convert it with `pyactadd convert`"},
     }
@@ -231,6 +241,9 @@ def render_text(report: dict[str, Any], *, max_norms: int = 8) -> str:
         if hint is not None and fingerprint.get("n_layer") is None:
             made += f"; {hint - 1} vectors from cvector-generator suggest n_layer {hint}"
         lines.append(f"made for    {fingerprint['architecture'] or 'an unknown architecture'} ({made})")
+    if report.get("backend") is not None:
+        how = {"torch": "PyTorch, float32", "llama": "llama.cpp, the model file's own weights"}.get(report["backend"], "")
+        lines.append(f"backend     {report['backend']}" + (f" ({how})" if how else ""))
     fits = report["fits"]
     if fits["fits"] is None:
         lines.append(f"fits        unknown: {fits['reason']}")

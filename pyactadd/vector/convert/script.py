@@ -18,15 +18,19 @@ from typing import Sequence
 from pyactadd.errors import InputError, PyactaddError
 from pyactadd.vector.convert.conventions import LAYER_CONVENTIONS
 from pyactadd.vector.convert.converting import convert_file
+from pyactadd.vector.layers import MAX_LAYER
 
-_LAYERS = re.compile(r"(\d+)(?:-(\d+))?")
+_LAYERS = re.compile(r"([0-9]+)(?:-([0-9]+))?", re.ASCII)  # not \d: it takes any script's digits
 
 
 def parse_layer_spec(text: str) -> list[int]:
     """Parse ``6``, ``3-20`` or ``3,5,7`` (pyactadd block-input layers) into a list.
 
+    Both ends of a range are checked against :data:`MAX_LAYER` before it is expanded.
+
     Raises:
-        InputError: naming the three forms, or a range that runs backwards.
+        InputError: naming the three forms, a range that runs backwards, or a layer no
+            model has.
     """
     layers: list[int] = []
     for part in str(text).split(","):
@@ -34,6 +38,9 @@ def parse_layer_spec(text: str) -> list[int]:
         match = _LAYERS.fullmatch(part)
         if match is None:
             raise InputError(f"{text!r} is not a layer, a range A-B or a list A,B (block-input numbers)")
+        for number in filter(None, match.groups()):
+            if len(number) > 9 or int(number) > MAX_LAYER:
+                raise InputError(f"layer {number} in {part!r} is past any model's blocks: use layers 1 to n_layer - 1")
         first, last = int(match.group(1)), int(match.group(2) or match.group(1))
         if last < first:
             raise InputError(f"range {part!r} runs backwards: write {last}-{first}")

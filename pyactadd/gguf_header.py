@@ -26,6 +26,7 @@ from typing import Any, Callable
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from pyactadd.errors import PyactaddError
+from pyactadd.files import one_line
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -228,7 +229,7 @@ class _Cursor:
             return self.array(key, keep)
         fmt = _SCALAR_FORMATS.get(vtype)
         if fmt is None:
-            raise MalformedGGUF(f"key {key} has unknown value type {vtype}")
+            raise MalformedGGUF(f"key {_shown(key)} has unknown value type {vtype}")
         return MetadataValue(GGUFValueType(vtype), None, self.take(fmt)[0])
 
     def array(self, key: str, keep: bool) -> MetadataValue:
@@ -283,7 +284,7 @@ def _read_tensor_table(cursor: _Cursor, n_tensors: int) -> list[tuple[str, tuple
         names.add(name)
         (n_dims,) = cursor.take("I")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise MalformedGGUF(f"tensor {name} has {n_dims} dimensions")
+            raise MalformedGGUF(f"tensor {_shown(name)} has {n_dims} dimensions")
         dims = cursor.take("Q" * n_dims)
         ggml_type, offset = cursor.take("IQ")
         table.append((name, tuple(dims), ggml_type, offset))
@@ -296,13 +297,20 @@ def _checked_tensor(
     try:
         block_size, _ = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
     except (ValueError, KeyError):
-        raise MalformedGGUF(f"tensor {name} has unknown type {ggml_type}") from None
+        raise MalformedGGUF(f"tensor {_shown(name)} has unknown type {ggml_type}") from None
     info = TensorInfo(name, ggml_type, dims, data_offset + offset)
     if info.n_elements % block_size:
-        raise MalformedGGUF(f"tensor {name} has {info.n_elements} elements, not a multiple of its block size")
+        raise MalformedGGUF(f"tensor {_shown(name)} has {info.n_elements} elements, not a multiple of its block size")
     if offset % alignment:
-        raise MalformedGGUF(f"tensor {name} data offset {offset} is not aligned to {alignment}")
+        raise MalformedGGUF(f"tensor {_shown(name)} data offset {offset} is not aligned to {alignment}")
     end = info.offset + info.n_bytes
     if end > size:
-        raise MalformedGGUF(f"tensor {name} data ends at byte {end}, past the end of the file ({size} bytes)")
+        raise MalformedGGUF(f"tensor {_shown(name)} data ends at byte {end}, past the end of the file ({size} bytes)")
     return info
+
+
+def _shown(name: str, limit: int = 80) -> str:
+    """A key or tensor name as an error message shows it: a corrupt file's name may hold
+    control characters and run on for kilobytes, and the message must stay one short line."""
+    text = one_line(name)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

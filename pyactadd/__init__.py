@@ -35,6 +35,10 @@ _LAZY = {
     "load_llama": ("runtime.generate", "load_llama"),
     "Sampling": ("runtime.generate", "Sampling"),
     "run": ("runtime.generate", "run"),
+    "Request": ("runtime.batch", "Request"),
+    "Completion": ("runtime.batch", "Completion"),
+    "Batcher": ("runtime.batch", "Batcher"),
+    "generate_batch": ("runtime.batch", "generate_batch"),
     "default_model_path": ("default_model", "default_model_path"),
 }
 

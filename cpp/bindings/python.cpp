@@ -89,6 +89,34 @@ class Engine {
         }
     }
 
+    // Binds tensor id to these sequence ids (empty: every token, by position).
+    void set_sequences(int32_t id, const std::vector<int32_t> & seq_ids) {
+        if (seq_ids.size() > INT32_MAX) {
+            throw nb::value_error("too many sequence ids");
+        }
+        for (int32_t s : seq_ids) {
+            if (s < 0) {
+                throw nb::value_error(("sequence id " + std::to_string(s) + " is negative: llama.cpp's sequence ids are 0 or more").c_str());
+            }
+        }
+        if (pyactadd_engine_set_sequences(engine_, id, seq_ids.data(), (int32_t) seq_ids.size()) != 0) {
+            throw nb::value_error(pyactadd_engine_last_error(engine_));
+        }
+    }
+
+    // batch_address: the address of a llama_batch struct (ctypes.addressof), 0 to forget.
+    void declare_batch(uintptr_t batch_address) {
+        const auto * batch = reinterpret_cast<const llama_batch *>(batch_address);
+        if (batch != nullptr && (batch->n_tokens < 1 || batch->pos == nullptr || batch->n_seq_id == nullptr || batch->seq_id == nullptr)) {
+            pyactadd_engine_declare_batch(engine_, nullptr); // a refused declaration leaves none, as in C
+            throw nb::value_error("declare_batch needs a llama_batch with n_tokens >= 1 and its pos, n_seq_id and seq_id "
+                                  "arrays (from llama_cpp.llama_batch_init), or 0 to forget the declaration");
+        }
+        if (pyactadd_engine_declare_batch(engine_, batch) != 0) {
+            throw nb::value_error(pyactadd_engine_last_error(engine_));
+        }
+    }
+
     void capture(const std::vector<int32_t> & layers, bool stop_after) {
         if (layers.size() > INT32_MAX) {
             throw nb::value_error("too many layers");
@@ -123,6 +151,7 @@ class Engine {
         d["n_errors"] = s.n_errors;
         d["n_rows_captured"] = s.n_rows_captured;
         d["n_graph_stops"] = s.n_graph_stops;
+        d["n_batch_mismatches"] = s.n_batch_mismatches;
         return d;
     }
 
@@ -161,6 +190,7 @@ nb::dict read_file_info(const std::string & path) {
 NB_MODULE(_engine, m) {
     m.doc() = "pyactadd's C++ steering engine (see cpp/include/pyactadd.h)";
     m.attr("ABI_VERSION") = PYACTADD_ABI_VERSION;
+    m.attr("STATUS_BATCH_MISMATCH") = (int) PYACTADD_STATUS_BATCH_MISMATCH;
 
     nb::class_<Engine>(m, "Engine")
         .def(nb::init<int32_t, int32_t, bool>(), nb::arg("n_embd"), nb::arg("n_layer"), nb::arg("force_device_copy") = false)
@@ -172,6 +202,12 @@ NB_MODULE(_engine, m) {
         .def("count", [](const Engine & e) { return pyactadd_engine_count(e.engine_); })
         .def("set_force_device_copy", [](Engine & e, bool f) { pyactadd_engine_set_force_device_copy(e.engine_, f); })
         .def("attach", &Engine::attach, nb::arg("params_address"))
+        .def("set_sequences", &Engine::set_sequences, nb::arg("id"), nb::arg("seq_ids"),
+             "Add tensor id only to tokens whose sequences are all in seq_ids (empty: every token, by position).")
+        .def("declare_batch", &Engine::declare_batch, nb::arg("batch_address"),
+             "Declare the llama_batch (ctypes.addressof) the next llama_decode computes; 0 forgets it.")
+        .def("batch_status", [](const Engine & e) { return pyactadd_engine_batch_status(e.engine_); },
+             "0, or -3 (PYACTADD_STATUS_BATCH_MISMATCH) after a micro-batch that was not the declared batch's next tokens.")
         .def("capture", &Engine::capture, nb::arg("layers"), nb::arg("stop_after") = false,
              "Copy l_out-<il> for these il during llama_decode (empty: off); stop_after: skip the rest of the graph.")
         .def("capture_clear", [](Engine & e) { pyactadd_engine_capture_clear(e.engine_); })

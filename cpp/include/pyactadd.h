@@ -15,8 +15,24 @@
 // stream entering block il + 1 (the same tensor llama.cpp's control vector
 // "direction.<il>" is added to). Valid: 0 <= il <= n_layer - 2.
 //
-// Several sequences in one batch: the engine identifies rows by position only, so a
-// row for position p is added to every token at position p, whatever its sequence.
+// Several sequences in one batch: an unbound tensor (the default) is matched by position
+// only, so its row for position p is added to every token at position p, whatever its
+// sequence. pyactadd_engine_set_sequences binds a tensor to sequence ids; it is then added
+// only to tokens whose sequences are all bound, and the engine must be told which sequence
+// each token of a graph belongs to: pyactadd_engine_declare_batch(engine, &batch) before
+// each llama_decode (contexts created with kv_unified = true). llama.cpp then cuts the
+// batch into consecutive micro-batches (split_simple); for each one the engine checks
+// that its tokens are the declared batch's next ones (count, positions and, when the
+// token input is in host memory, token ids) and steers bound tensors by the declared
+// sequences. A micro-batch that is not (a split that reorders tokens, another batch
+// than declared) is never steered wrongly: the engine steers nothing more, records why
+// in last_error, counts it in n_batch_mismatches and stops the graph through the abort
+// callback (llama_decode returns 2 on the CPU and removes the micro-batch from the KV
+// cache; earlier micro-batches of that decode stay in it); pyactadd_engine_batch_status
+// then says PYACTADD_STATUS_BATCH_MISMATCH. A graph computed while bound tensors exist
+// but no declared tokens are left is not stopped: unbound tensors are added as always,
+// bound ones are not, and the status becomes a mismatch ("no batch declared").
+// Check pyactadd_engine_batch_status after each llama_decode that has bound tensors.
 //
 // Thread safety: none. Change steering between llama_decode calls, never during one.
 //
@@ -58,7 +74,9 @@ extern "C" {
 
 // 2: pyactadd_engine_params.model, pyactadd_file_info, pyactadd_file_read_info().
 // 3: capture mode (pyactadd_engine_capture*), pyactadd_engine_abort_callback, two more stats.
-#define PYACTADD_ABI_VERSION 3
+// 4: sequence-bound steering, declared batches (pyactadd_engine_set_sequences,
+//    pyactadd_engine_declare_batch, pyactadd_engine_batch_status), stats.n_batch_mismatches.
+#define PYACTADD_ABI_VERSION 4
 
 typedef struct pyactadd_engine pyactadd_engine;
 
@@ -78,10 +96,12 @@ struct pyactadd_engine_params {
                                // pyactadd_engine_create (it need not outlive the engine)
 };
 
-// Return codes of pyactadd_engine_load_file and pyactadd_file_read_info, besides success.
+// Return codes of pyactadd_engine_load_file, pyactadd_file_read_info and
+// pyactadd_engine_batch_status, besides success.
 enum pyactadd_status {
     PYACTADD_STATUS_ERROR          = -1, // a NULL or invalid argument, a missing or malformed file, a shape that does not fit
     PYACTADD_STATUS_MODEL_MISMATCH = -2, // the file was made for another model than the engine's params.model
+    PYACTADD_STATUS_BATCH_MISMATCH = -3, // a micro-batch was not the declared batch's next tokens
 };
 
 // A steering file's own account of itself (pyactadd_file_read_info). The gguf keys
@@ -126,6 +146,8 @@ struct pyactadd_engine_stats {
     uint64_t n_errors;             // graph tensors the engine had to skip (see pyactadd_engine_last_error)
     uint64_t n_rows_captured;      // token rows copied out in capture mode
     uint64_t n_graph_stops;        // graphs stopped early after the deepest captured layer
+    uint64_t n_batch_mismatches;   // micro-batches that were not the declared batch's next tokens,
+                                   // or computed with bound tensors and no batch declared
 };
 
 // Defaults: n_embd = 0, n_layer = 0 (set both, or model), force_device_copy = false, model = NULL.
@@ -187,12 +209,42 @@ PYACTADD_API int32_t pyactadd_engine_count(const pyactadd_engine * engine);
 // Switches the non-host (ggml-backend get/set) path on or off for host buffers too.
 PYACTADD_API void pyactadd_engine_set_force_device_copy(pyactadd_engine * engine, bool force);
 
+// Binds tensor id to the sequences seq_ids[0 .. n_seq) (copied; repeats allowed): it is
+// then added only to tokens whose sequences (llama_batch.seq_id) are all in that set, and
+// only in graphs of a declared batch (pyactadd_engine_declare_batch). ALIGN_ALL tensors
+// too: row 0 at every position of those tokens. n_seq = 0 unbinds it: every token, by
+// position (the default). Returns 0, or -1 (engine unchanged) when no tensor has that id,
+// n_seq < 0, seq_ids is NULL with n_seq > 0, or a sequence id is negative.
+PYACTADD_API int32_t pyactadd_engine_set_sequences(pyactadd_engine * engine, int32_t id, const int32_t * seq_ids, int32_t n_seq);
+
+// Declares the batch the next llama_decode computes: n_tokens, token (or -1 for each
+// token when token is NULL: embd input), pos, n_seq_id and seq_id are copied. Every
+// micro-batch of that decode is checked against the declaration's next tokens (a cursor
+// that advances micro-batch by micro-batch): its token count, its positions (read once
+// per micro-batch) and, when the graph's token input is in host memory (where llama.cpp
+// keeps it), its token ids; bound tensors are steered by the declared sequences. NULL
+// forgets the declaration. Every call resets pyactadd_engine_batch_status to 0 and ends
+// a stop after a mismatch. Returns 0, or -1 with no declaration left (a later decode
+// counts as undeclared) when: batch->pos, n_seq_id or seq_id is NULL, n_tokens < 1, a
+// token has n_seq_id < 1 or a negative sequence id, a token belongs partly to a bound
+// tensor's sequences (steering half of a shared token would change the other sequence
+// too), or the engine was attached to context params with kv_unified = false (only a
+// unified KV cache keeps a batch's tokens in order across micro-batches).
+PYACTADD_API int32_t pyactadd_engine_declare_batch(pyactadd_engine * engine, const struct llama_batch * batch);
+
+// 0 when every micro-batch since the last declare matched it (or nothing was declared and
+// no tensor is bound); PYACTADD_STATUS_BATCH_MISMATCH (-3) after a micro-batch that did
+// not (last_error says what differed) or a graph computed with bound tensors and no
+// declared tokens left. -1 for a NULL engine. Reset by pyactadd_engine_declare_batch.
+PYACTADD_API int32_t pyactadd_engine_batch_status(const pyactadd_engine * engine);
+
 // Installs the engine as params->cb_eval with params->cb_eval_user_data = engine, and
 // as params->abort_callback (data = engine), which capture mode's early stop uses.
 // Callbacks already in params are chained: the eval callback is still called for every
 // tensor and its answers are honoured (until an early stop, see pyactadd_engine_capture),
-// and the abort callback is still asked. Call before llama_init_from_model(). Returns 0,
-// or -1 when params is NULL or the engine is already in params.
+// and the abort callback is still asked. Records params->kv_unified: declared batches need
+// every attached context unified. Call before llama_init_from_model(). Returns 0, or -1
+// when params is NULL or the engine is already in params.
 PYACTADD_API int32_t pyactadd_engine_attach(pyactadd_engine * engine, struct llama_context_params * params);
 
 // The eval callback itself (user_data must be the engine), for applications that
@@ -200,7 +252,8 @@ PYACTADD_API int32_t pyactadd_engine_attach(pyactadd_engine * engine, struct lla
 PYACTADD_API bool pyactadd_engine_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
 
 // The abort callback attach installs (user_data must be the engine): true once an early
-// stop is under way (see pyactadd_engine_capture), else the chained callback's answer.
+// stop is under way (see pyactadd_engine_capture) or once after a batch mismatch (see
+// pyactadd_engine_declare_batch), else the chained callback's answer.
 PYACTADD_API bool pyactadd_engine_abort_callback(void * user_data);
 
 // --- capture mode ------------------------------------------------------------------------

@@ -29,6 +29,7 @@ struct steering_tensor {
     int32_t offset;
     pyactadd_align align;
     std::vector<float> rows; // n_rows * n_embd, row-major
+    std::vector<int32_t> seqs; // bound sequence ids, sorted and unique; empty: every token
 
     // The row to add at position pos, or nullptr when this tensor has none there.
     const float * row_at(int32_t pos, int32_t n_embd) const {
@@ -50,6 +51,39 @@ bool is_positions_input(const ggml_tensor * t) {
         return false;
     }
     return std::strcmp(t->name, "inp_pos") == 0 || std::strstr(t->name, "#inp_pos#") != nullptr;
+}
+
+// The token ids input, "inp_tokens" (or the scheduler's copy of it, as for inp_pos).
+bool is_tokens_input(const ggml_tensor * t) {
+    if (t == nullptr || t->type != GGML_TYPE_I32) {
+        return false;
+    }
+    return std::strcmp(t->name, "inp_tokens") == 0 || std::strstr(t->name, "#inp_tokens#") != nullptr;
+}
+
+// One token of a declared batch; its sequence ids are seqs[seq_first .. seq_first + n_seq).
+struct declared_token {
+    int32_t token; // -1 for embd input
+    int32_t pos;
+    size_t seq_first;
+    int32_t n_seq;
+};
+
+// How many of the n ids are in the sorted set.
+int32_t count_in(const std::vector<int32_t> & set, const int32_t * ids, int32_t n) {
+    int32_t k = 0;
+    for (int32_t i = 0; i < n; ++i) {
+        k += std::binary_search(set.begin(), set.end(), ids[i]) ? 1 : 0;
+    }
+    return k;
+}
+
+std::string seq_list(const int32_t * ids, size_t n) {
+    std::string out = "{";
+    for (size_t i = 0; i < n; ++i) {
+        out += (i ? ", " : "") + std::to_string(ids[i]);
+    }
+    return out + "}";
 }
 
 // Parses "l_out-<il>"; returns -1 for any other name.
@@ -370,6 +404,20 @@ struct pyactadd_engine {
     int32_t last_il_seen = -1;
     std::vector<float> scratch;     // host copy of a layer output for the non-host path
 
+    // The declared batch (pyactadd_engine_declare_batch) and how far its micro-batches got.
+    std::vector<declared_token> declared; // empty: none declared
+    std::vector<int32_t> declared_seqs;
+    size_t cursor = 0;           // declared tokens already matched by micro-batches
+    int32_t n_micro_batches = 0; // micro-batches checked since the declaration
+    int32_t batch_status = 0;
+    bool batch_stop = false;     // a mismatch: refuse the rest of the graph, abort it
+    bool attached_non_unified = false; // some context params had kv_unified = false
+    // The current micro-batch: whether bound tensors apply, and its first declared token.
+    bool bound_ok = false;
+    size_t micro_first = 0;
+    const ggml_tensor * tokens_input = nullptr; // seen in this graph, on the token path
+    std::vector<int32_t> token_ids; // host copy of the current micro-batch's tokens
+
     pyactadd_engine_stats stats = {};
     std::string last_error;
 
@@ -382,6 +430,47 @@ struct pyactadd_engine {
         for (size_t i = 0; i < tensors.size(); ++i) {
             by_layer[tensors[i].il].push_back(i);
         }
+    }
+
+    bool any_bound() const {
+        return std::any_of(tensors.begin(), tensors.end(), [](const steering_tensor & s) { return !s.seqs.empty(); });
+    }
+
+    // Whether tensor s is added to token i of the current micro-batch (bound tensors: all
+    // of the token's declared sequences are bound).
+    bool applies(const steering_tensor & s, int64_t i) const {
+        if (s.seqs.empty()) {
+            return true;
+        }
+        if (!bound_ok) {
+            return false;
+        }
+        const declared_token & d = declared[micro_first + i];
+        return count_in(s.seqs, declared_seqs.data() + d.seq_first, d.n_seq) == d.n_seq;
+    }
+
+    // The row s adds to token i of the current micro-batch, or nullptr (positions read).
+    const float * row_for(const steering_tensor & s, int64_t i) const {
+        return applies(s, i) ? s.row_at(positions[i], params.n_embd) : nullptr;
+    }
+
+    // "" when every bound tensor takes all or none of the sequences of each declared token
+    // in [first, end); else which token and tensor do not.
+    std::string partly_bound(size_t first, size_t end) const {
+        for (size_t i = first; i < end; ++i) {
+            const declared_token & d = declared[i];
+            const int32_t * ids = declared_seqs.data() + d.seq_first;
+            for (const steering_tensor & s : tensors) {
+                const int32_t k = s.seqs.empty() ? 0 : count_in(s.seqs, ids, d.n_seq);
+                if (k > 0 && k < d.n_seq) {
+                    return "token " + std::to_string(i) + " belongs to sequences " + seq_list(ids, d.n_seq) +
+                           " but tensor " + std::to_string(s.id) + " is bound to " + seq_list(s.seqs.data(), s.seqs.size()) +
+                           ": steering it would change the other sequences too; decode shared tokens before binding, "
+                           "or bind the tensor to all of their sequences";
+                }
+            }
+        }
+        return "";
     }
 
     // Reads the positions of the current micro-batch into `positions`.
@@ -407,7 +496,7 @@ struct pyactadd_engine {
 
     // True when any tensor at layer il has a row for a position in this micro-batch.
     bool wants(int32_t il, const ggml_tensor * t) {
-        if (il < 0 || il >= params.n_layer || by_layer[il].empty()) {
+        if (il < 0 || il >= params.n_layer || by_layer[il].empty() || batch_stop) {
             return false;
         }
         stats.n_layer_outputs_seen++;
@@ -421,9 +510,8 @@ struct pyactadd_engine {
             return false;
         }
         for (size_t idx : by_layer[il]) {
-            const steering_tensor & s = tensors[idx];
-            for (int32_t pos : positions) {
-                if (s.row_at(pos, params.n_embd) != nullptr) {
+            for (size_t i = 0; i < positions.size(); ++i) {
+                if (row_for(tensors[idx], (int64_t) i) != nullptr) {
                     return true;
                 }
             }
@@ -441,7 +529,7 @@ struct pyactadd_engine {
         int64_t first = -1, last = -1;
         for (int64_t i = 0; i < n_tokens; ++i) {
             for (size_t idx : by_layer[il]) {
-                if (tensors[idx].row_at(positions[i], params.n_embd) != nullptr) {
+                if (row_for(tensors[idx], i) != nullptr) {
                     if (first < 0) first = i;
                     last = i;
                     break;
@@ -467,7 +555,7 @@ struct pyactadd_engine {
             float * col = reinterpret_cast<float *>(base + (i - first) * t->nb[1]);
             bool added = false;
             for (size_t idx : by_layer[il]) {
-                const float * row = tensors[idx].row_at(positions[i], params.n_embd);
+                const float * row = row_for(tensors[idx], i);
                 if (row == nullptr) {
                     continue;
                 }
@@ -527,31 +615,105 @@ struct pyactadd_engine {
         stats.n_rows_captured += (uint64_t) n_tokens;
     }
 
+    // A mismatch: nothing more is steered; with stop, the rest of the graph is refused and
+    // aborted (so no logits come from it) and the declaration is forgotten.
+    void mismatch(const std::string & msg, bool stop) {
+        batch_status = PYACTADD_STATUS_BATCH_MISMATCH;
+        stats.n_batch_mismatches++;
+        fail(msg);
+        bound_ok = false;
+        if (stop) {
+            batch_stop = true;
+            declared.clear();
+            declared_seqs.clear();
+        }
+    }
+
+    // The graph's token ids into token_ids, when its token input is in host memory.
+    bool read_tokens(const ggml_tensor * tok, int64_t n_tokens) {
+        if (tok == nullptr || tok->buffer == nullptr || !ggml_backend_buffer_is_host(tok->buffer) || ggml_nelements(tok) < n_tokens) {
+            return false;
+        }
+        token_ids.assign(static_cast<const int32_t *>(tok->data), static_cast<const int32_t *>(tok->data) + n_tokens);
+        return true;
+    }
+
+    // "" when the micro-batch of n_tokens (positions read) is the declared batch's next tokens.
+    std::string micro_batch_difference(int64_t n_tokens, const ggml_tensor * tok) {
+        const bool have_tokens = read_tokens(tok, n_tokens);
+        for (int64_t i = 0; i < n_tokens; ++i) {
+            const declared_token & d = declared[cursor + i];
+            if (positions[i] != d.pos) {
+                return "token " + std::to_string(i) + " has position " + std::to_string(positions[i]) +
+                       ", the declared batch has " + std::to_string(d.pos) + " there";
+            }
+            if (have_tokens && d.token >= 0 && token_ids[i] != d.token) {
+                return "token " + std::to_string(i) + " (position " + std::to_string(d.pos) + ") is token id " +
+                       std::to_string(token_ids[i]) + ", the declared batch has " + std::to_string(d.token) + " there";
+            }
+        }
+        // set_sequences may have bound a tensor since the declaration.
+        return partly_bound(cursor, cursor + (size_t) n_tokens);
+    }
+
+    // At a graph's first layer output t: checks the micro-batch against the declaration and
+    // decides whether bound tensors apply to it.
+    void begin_micro_batch(const ggml_tensor * t) {
+        positions_valid = false;
+        bound_ok = false;
+        const ggml_tensor * tok = tokens_input;
+        tokens_input = nullptr; // a later graph on the embd path must not see this one's
+        if (cursor >= declared.size()) {
+            if (any_bound()) {
+                mismatch("no batch declared: tensors bound to sequences were not added to this graph; call "
+                         "pyactadd_engine_declare_batch before each llama_decode", false);
+            }
+            return;
+        }
+        const std::string where = "micro-batch " + std::to_string(n_micro_batches++) + " (from declared token " +
+                                  std::to_string(cursor) + "): ";
+        const int64_t n_tokens = t->ne[1];
+        const size_t left = declared.size() - cursor;
+        if (n_tokens > (int64_t) left) {
+            mismatch(where + std::to_string(n_tokens) + " tokens, the declared batch has " + std::to_string(left) + " left", true);
+            return;
+        }
+        if (!read_positions(n_tokens)) {
+            mismatch(where + last_error, true);
+            return;
+        }
+        const std::string diff = micro_batch_difference(n_tokens, tok);
+        if (!diff.empty()) {
+            mismatch(where + diff, true);
+            return;
+        }
+        micro_first = cursor;
+        cursor += (size_t) n_tokens;
+        bound_ok = true;
+    }
+
     // The node-level protocol of ggml_backend_sched (see ggml_backend_sched_eval_callback).
     // After the deepest captured layer with capture_stop, every node is asked for and
     // refused on its second call: the CPU backend's abort callback then ends the graph
     // after one more node (llama_decode returns 2), and backends without one stop at the
     // end of each remaining split.
     bool on_eval(ggml_tensor * t, bool ask) {
+        const bool halted = stopping || batch_stop;
         if (ask) {
-            for (int i = 0; i < GGML_MAX_SRC; ++i) {
-                if (is_positions_input(t->src[i])) {
-                    positions_input = t->src[i];
-                    break;
-                }
-            }
+            note_inputs(t);
             const int32_t il = layer_output_index(t->name);
             if (il >= 0) {
-                if (il <= last_il_seen) {
-                    positions_valid = false;
+                if (il <= last_il_seen || last_il_seen < 0) {
+                    begin_micro_batch(t);
                 }
                 last_il_seen = il;
             }
+            const bool now_halted = stopping || batch_stop; // begin_micro_batch may have stopped it
             asked_node = t;
             we_asked = il >= 0 && wants(il, t);
-            we_capture = il >= 0 && !stopping && wants_capture(il, t);
-            chained_asked = !stopping && chained_cb != nullptr && chained_cb(t, true, chained_user_data);
-            return we_asked || we_capture || chained_asked || stopping;
+            we_capture = il >= 0 && !now_halted && wants_capture(il, t);
+            chained_asked = !now_halted && chained_cb != nullptr && chained_cb(t, true, chained_user_data);
+            return we_asked || we_capture || chained_asked || now_halted;
         }
         const bool mine = t == asked_node;
         const int32_t il = mine ? layer_output_index(t->name) : -1;
@@ -561,7 +723,6 @@ struct pyactadd_engine {
         if (mine && we_capture) {
             capture(il, t);
         }
-        const bool was_stopping = stopping;
         if (mine && we_capture && capture_stop && il == capture_deepest) {
             stopping = true;
             stats.n_graph_stops++;
@@ -569,7 +730,102 @@ struct pyactadd_engine {
         const bool keep_going = !(mine && chained_asked) || chained_cb(t, false, chained_user_data);
         asked_node = nullptr;
         we_asked = we_capture = chained_asked = false;
-        return keep_going && !was_stopping;
+        return keep_going && !halted;
+    }
+
+    // Remembers the positions and token inputs this node reads (the token input only on
+    // the path llama.cpp computes: a graph holds both the token and the embd path).
+    void note_inputs(const ggml_tensor * t) {
+        bool found_positions = false;
+        for (int i = 0; i < GGML_MAX_SRC; ++i) {
+            if (!found_positions && is_positions_input(t->src[i])) {
+                positions_input = t->src[i];
+                found_positions = true;
+            }
+            if (is_tokens_input(t->src[i]) && (t->flags & GGML_TENSOR_FLAG_COMPUTE) != 0) {
+                tokens_input = t->src[i];
+            }
+        }
+    }
+
+    int32_t set_sequences(int32_t id, const int32_t * seq_ids, int32_t n_seq) {
+        if (n_seq < 0 || (n_seq > 0 && seq_ids == nullptr)) {
+            fail("set_sequences needs n_seq >= 0 sequence ids");
+            return -1;
+        }
+        for (int32_t i = 0; i < n_seq; ++i) {
+            if (seq_ids[i] < 0) {
+                fail("sequence id " + std::to_string(seq_ids[i]) + " is negative: llama.cpp's sequence ids are 0 or more");
+                return -1;
+            }
+        }
+        const auto found = std::find_if(tensors.begin(), tensors.end(), [id](const steering_tensor & s) { return s.id == id; });
+        if (found == tensors.end()) {
+            fail("no steering tensor with id " + std::to_string(id));
+            return -1;
+        }
+        std::vector<int32_t> seqs(seq_ids, seq_ids + n_seq);
+        std::sort(seqs.begin(), seqs.end());
+        seqs.erase(std::unique(seqs.begin(), seqs.end()), seqs.end());
+        found->seqs.swap(seqs);
+        return 0;
+    }
+
+    // Forgets the declaration, its status and any stop after a mismatch.
+    void forget_batch() {
+        declared.clear();
+        declared_seqs.clear();
+        cursor = 0;
+        n_micro_batches = 0;
+        batch_status = 0;
+        batch_stop = false;
+        bound_ok = false;
+        // The next layer output starts a micro-batch, whatever layer the last graph ended on.
+        last_il_seen = -1;
+        positions_valid = false;
+    }
+
+    // "" when batch can be declared; else why not.
+    std::string batch_problem(const llama_batch & batch) const {
+        if (attached_non_unified) {
+            return "the engine is attached to a context created with kv_unified = false; declared batches need "
+                   "llama_context_params.kv_unified = true (a unified KV cache keeps the batch's token order)";
+        }
+        if (batch.n_tokens < 1 || batch.pos == nullptr || batch.n_seq_id == nullptr || batch.seq_id == nullptr) {
+            return "a declared batch needs n_tokens >= 1 and its pos, n_seq_id and seq_id arrays";
+        }
+        for (int32_t i = 0; i < batch.n_tokens; ++i) {
+            if (batch.n_seq_id[i] < 1 || batch.seq_id[i] == nullptr) {
+                return "token " + std::to_string(i) + " of the declared batch has no sequence id";
+            }
+            for (int32_t k = 0; k < batch.n_seq_id[i]; ++k) {
+                if (batch.seq_id[i][k] < 0) {
+                    return "token " + std::to_string(i) + " of the declared batch has a negative sequence id";
+                }
+            }
+        }
+        return "";
+    }
+
+    int32_t declare_batch(const llama_batch * batch) {
+        forget_batch();
+        if (batch == nullptr) {
+            return 0;
+        }
+        std::string problem = batch_problem(*batch);
+        for (int32_t i = 0; problem.empty() && i < batch->n_tokens; ++i) {
+            declared.push_back({ batch->token ? batch->token[i] : -1, batch->pos[i], declared_seqs.size(), batch->n_seq_id[i] });
+            declared_seqs.insert(declared_seqs.end(), batch->seq_id[i], batch->seq_id[i] + batch->n_seq_id[i]);
+        }
+        if (problem.empty()) {
+            problem = partly_bound(0, declared.size());
+        }
+        if (!problem.empty()) {
+            forget_batch();
+            fail(problem);
+            return -1;
+        }
+        return 0;
     }
 
     int32_t capture_set(const int32_t * layers, int32_t n_layers, bool stop_after) {
@@ -846,6 +1102,37 @@ void pyactadd_engine_set_force_device_copy(pyactadd_engine * engine, bool force)
     }
 }
 
+int32_t pyactadd_engine_set_sequences(pyactadd_engine * engine, int32_t id, const int32_t * seq_ids, int32_t n_seq) {
+    if (engine == nullptr) {
+        return -1;
+    }
+    try {
+        engine->last_error.clear();
+        return engine->set_sequences(id, seq_ids, n_seq);
+    } catch (...) {
+        engine->fail("out of memory while binding a steering tensor to sequences");
+        return -1;
+    }
+}
+
+int32_t pyactadd_engine_declare_batch(pyactadd_engine * engine, const llama_batch * batch) {
+    if (engine == nullptr) {
+        return -1;
+    }
+    try {
+        engine->last_error.clear();
+        return engine->declare_batch(batch);
+    } catch (...) {
+        engine->forget_batch();
+        engine->fail("out of memory while copying a declared batch");
+        return -1;
+    }
+}
+
+int32_t pyactadd_engine_batch_status(const pyactadd_engine * engine) {
+    return engine == nullptr ? PYACTADD_STATUS_ERROR : engine->batch_status;
+}
+
 int32_t pyactadd_engine_attach(pyactadd_engine * engine, llama_context_params * params) {
     if (engine == nullptr || params == nullptr) {
         return -1;
@@ -864,6 +1151,7 @@ int32_t pyactadd_engine_attach(pyactadd_engine * engine, llama_context_params * 
     }
     params->abort_callback = pyactadd_engine_abort_callback;
     params->abort_callback_data = engine;
+    engine->attached_non_unified = engine->attached_non_unified || !params->kv_unified;
     return 0;
 }
 
@@ -871,6 +1159,11 @@ bool pyactadd_engine_abort_callback(void * user_data) {
     auto * engine = static_cast<pyactadd_engine *>(user_data);
     if (engine == nullptr) {
         return false;
+    }
+    if (engine->batch_stop) {
+        // The CPU backend ends the graph on this answer, so the next graph is not stopped.
+        engine->batch_stop = false;
+        return true;
     }
     return engine->stopping || (engine->chained_abort != nullptr && engine->chained_abort(engine->chained_abort_data));
 }

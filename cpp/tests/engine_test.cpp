@@ -103,6 +103,8 @@ struct graph {
     ggml_tensor * pos = nullptr;
     ggml_tensor * rope = nullptr;
     ggml_tensor * out = nullptr;
+    ggml_tensor * tok = nullptr;  // "inp_tokens", when graph_opts.tokens is given
+    ggml_tensor * embd = nullptr; // the get_rows-like node reading it
     int64_t n_tokens = 0;
 };
 
@@ -113,6 +115,8 @@ struct graph_opts {
     const char * pos_name = "inp_pos";
     bool with_rope = true;     // a node with inp_pos as src, evaluated before l_out
     bool out_reads_pos = false; // l_out itself has inp_pos as src[0]
+    std::vector<int32_t> tokens = {}; // token ids: an "inp_tokens" input read by a node before l_out
+    bool token_path_computed = true; // that node carries GGML_TENSOR_FLAG_COMPUTE (llama.cpp's token path)
 };
 
 graph make_graph(const std::vector<int32_t> & positions, const graph_opts & o = graph_opts()) {
@@ -132,11 +136,22 @@ graph make_graph(const std::vector<int32_t> & positions, const graph_opts & o = 
     if (o.out_reads_pos) {
         g.out->src[0] = g.pos;
     }
+    if (!o.tokens.empty()) {
+        g.tok = ggml_new_tensor_1d(g.ctx.get(), GGML_TYPE_I32, (int64_t) o.tokens.size());
+        ggml_set_name(g.tok, "inp_tokens");
+        g.embd = ggml_new_tensor_2d(g.ctx.get(), GGML_TYPE_F32, N_EMBD, (int64_t) o.tokens.size());
+        ggml_set_name(g.embd, "embd");
+        g.embd->src[1] = g.tok; // ggml_get_rows(ctx, tok_embd, tokens)
+        g.embd->flags |= o.token_path_computed ? GGML_TENSOR_FLAG_COMPUTE : 0;
+    }
     // A CPU backend buffer: host memory that ggml_backend_tensor_get/set also work on.
     g.buf.reset(ggml_backend_alloc_ctx_tensors_from_buft(g.ctx.get(), ggml_backend_cpu_buffer_type()));
     if (g.buf) {
         ggml_backend_buffer_clear(g.buf.get(), 0);
         ggml_backend_tensor_set(g.pos, positions.data(), 0, positions.size() * sizeof(int32_t));
+        if (g.tok != nullptr) {
+            ggml_backend_tensor_set(g.tok, o.tokens.data(), 0, o.tokens.size() * sizeof(int32_t));
+        }
     }
     return g;
 }
@@ -162,12 +177,15 @@ bool eval_node(ggml_backend_sched_eval_callback cb, void * ud, ggml_tensor * t, 
 }
 
 // Evaluates the graph's nodes in order with the engine's callback; returns whether the
-// engine asked for l_out.
-bool run_graph(pyactadd_engine * e, graph & g) {
+// engine asked for l_out (*keep_going: its second answer for l_out).
+bool run_graph(pyactadd_engine * e, graph & g, bool * keep_going = nullptr) {
+    if (g.embd != nullptr) {
+        eval_node(pyactadd_engine_eval_callback, e, g.embd);
+    }
     if (g.rope != nullptr) {
         eval_node(pyactadd_engine_eval_callback, e, g.rope);
     }
-    return eval_node(pyactadd_engine_eval_callback, e, g.out);
+    return eval_node(pyactadd_engine_eval_callback, e, g.out, keep_going);
 }
 
 // Column-wise expectation: expected[col] = sum of the given rows (nullptr: zero column).
@@ -804,6 +822,285 @@ void scenario_capture_stop(bool force) {
     CHECK(cp.abort_callback(cp.abort_callback_data));
 }
 
+// --- sequence-bound steering and declared batches ---------------------------------------
+
+// One token of a declared batch: its id, position and sequences.
+struct batch_token {
+    int32_t token;
+    int32_t pos;
+    std::vector<int32_t> seqs;
+};
+
+// A llama_batch (llama_batch_init's layout) holding tokens; freed with the holder.
+struct declared_batch {
+    llama_batch b;
+    explicit declared_batch(const std::vector<batch_token> & tokens) : b(llama_batch_init((int32_t) tokens.size(), 0, 4)) {
+        for (size_t i = 0; i < tokens.size(); ++i) {
+            b.token[i] = tokens[i].token;
+            b.pos[i] = tokens[i].pos;
+            b.n_seq_id[i] = (int32_t) tokens[i].seqs.size();
+            for (size_t k = 0; k < tokens[i].seqs.size(); ++k) {
+                b.seq_id[i][k] = tokens[i].seqs[k];
+            }
+        }
+        b.n_tokens = (int32_t) tokens.size();
+    }
+    ~declared_batch() { llama_batch_free(b); }
+    declared_batch(const declared_batch &) = delete;
+    declared_batch & operator=(const declared_batch &) = delete;
+};
+
+// Two sequences of two tokens each (ids 10, 11 and 20, 21), both from position 0.
+const std::vector<batch_token> TWO_SEQS = { { 10, 0, { 0 } }, { 11, 1, { 0 } }, { 20, 0, { 1 } }, { 21, 1, { 1 } } };
+
+graph_opts with_tokens(std::vector<int32_t> tokens) {
+    graph_opts o;
+    o.tokens = std::move(tokens);
+    return o;
+}
+
+void test_set_sequences_validation() {
+    engine_ptr e = make_engine();
+    const std::vector<float> r = rows_of(2);
+    CHECK(pyactadd_engine_add(e.get(), 3, r.data(), 2, N_EMBD, 0, PYACTADD_ALIGN_POSITIONS) == 0);
+    const int32_t seqs[] = { 1, -1 };
+    CHECK(pyactadd_engine_set_sequences(nullptr, 0, seqs, 1) == -1);
+    CHECK(pyactadd_engine_set_sequences(e.get(), 7, seqs, 1) == -1);
+    CHECK(contains(pyactadd_engine_last_error(e.get()), "no steering tensor with id 7"));
+    CHECK(pyactadd_engine_set_sequences(e.get(), 0, seqs, -1) == -1);
+    CHECK(pyactadd_engine_set_sequences(e.get(), 0, nullptr, 1) == -1);
+    CHECK(pyactadd_engine_set_sequences(e.get(), 0, seqs, 2) == -1);
+    CHECK(contains(pyactadd_engine_last_error(e.get()), "negative"));
+    // Refused calls left it unbound: steered by position, without a declaration, status 0.
+    graph g = make_graph({ 0, 1 });
+    CHECK(run_graph(e.get(), g));
+    CHECK(same(read_out(g), expect_cols({ { r.data() }, { r.data() + N_EMBD } })));
+    CHECK(pyactadd_engine_batch_status(e.get()) == 0);
+    CHECK(pyactadd_engine_set_sequences(e.get(), 0, seqs, 1) == 0);
+    CHECK(std::strcmp(pyactadd_engine_last_error(e.get()), "") == 0);
+    CHECK(pyactadd_engine_set_sequences(e.get(), 0, nullptr, 0) == 0); // unbound again
+    CHECK(pyactadd_engine_batch_status(nullptr) == PYACTADD_STATUS_ERROR);
+}
+
+// declare_batch must refuse b with msg in the error, leaving no declaration and status 0.
+void check_declare_refused(pyactadd_engine * e, const llama_batch & b, const char * msg) {
+    const int32_t rc = pyactadd_engine_declare_batch(e, &b);
+    if (rc != -1 || !contains(pyactadd_engine_last_error(e), msg)) {
+        std::fprintf(stderr, "  declare: returned %d, error '%s' (wanted -1, '%s')\n", rc, pyactadd_engine_last_error(e), msg);
+    }
+    CHECK(rc == -1);
+    CHECK(pyactadd_engine_batch_status(e) == 0);
+}
+
+void test_declare_validation() {
+    engine_ptr e = make_engine();
+    const std::vector<float> r = rows_of(1);
+    CHECK(pyactadd_engine_add(e.get(), 3, r.data(), 1, N_EMBD, 0, PYACTADD_ALIGN_ALL) == 0);
+    const int32_t one[] = { 1 };
+    CHECK(pyactadd_engine_set_sequences(e.get(), 0, one, 1) == 0);
+    declared_batch good(TWO_SEQS);
+    CHECK(pyactadd_engine_declare_batch(nullptr, &good.b) == -1);
+    CHECK(pyactadd_engine_declare_batch(e.get(), nullptr) == 0);
+    llama_batch b = good.b;
+    b.n_tokens = 0;
+    check_declare_refused(e.get(), b, "n_tokens >= 1");
+    b = good.b;
+    b.pos = nullptr;
+    check_declare_refused(e.get(), b, "pos");
+    b = good.b;
+    b.seq_id = nullptr;
+    check_declare_refused(e.get(), b, "seq_id");
+    declared_batch no_seq({ { 1, 0, {} } });
+    check_declare_refused(e.get(), no_seq.b, "no sequence id");
+    declared_batch negative({ { 1, 0, { -2 } } });
+    check_declare_refused(e.get(), negative.b, "negative");
+    declared_batch shared({ { 1, 0, { 0, 1 } }, { 2, 1, { 1 } } }); // token 0 is seq 0's and seq 1's
+    check_declare_refused(e.get(), shared.b, "token 0 belongs to sequences {0, 1} but tensor 0 is bound to {1}");
+    // A refused declaration leaves none: the bound tensor is not applied, and says why.
+    graph g = make_graph({ 0, 1 });
+    CHECK(!run_graph(e.get(), g));
+    CHECK(same(read_out(g), std::vector<float>(2 * N_EMBD, 0.0f)));
+    CHECK(pyactadd_engine_batch_status(e.get()) == PYACTADD_STATUS_BATCH_MISMATCH);
+    CHECK(contains(pyactadd_engine_last_error(e.get()), "no batch declared"));
+    // Bound to both sequences, the shared token is fine.
+    const int32_t both[] = { 1, 0 };
+    CHECK(pyactadd_engine_set_sequences(e.get(), 0, both, 2) == 0);
+    CHECK(pyactadd_engine_declare_batch(e.get(), &shared.b) == 0);
+    CHECK(pyactadd_engine_batch_status(e.get()) == 0);
+    // An engine attached to a non-unified context cannot declare.
+    llama_context_params cp = llama_context_default_params();
+    cp.kv_unified = false;
+    CHECK(pyactadd_engine_attach(e.get(), &cp) == 0);
+    check_declare_refused(e.get(), good.b, "kv_unified");
+}
+
+// A tensor bound to seq 1 (rows R at positions 0, 1) and an unbound all-positions row A.
+engine_ptr sequence_engine(bool force, const scenario_rows & rows) {
+    engine_ptr e = make_engine(force);
+    CHECK(pyactadd_engine_add(e.get(), 3, rows.R.data(), 2, N_EMBD, 0, PYACTADD_ALIGN_POSITIONS) == 0);
+    CHECK(pyactadd_engine_add(e.get(), 3, rows.A.data(), 1, N_EMBD, 0, PYACTADD_ALIGN_ALL) == 1);
+    const int32_t one[] = { 1 };
+    CHECK(pyactadd_engine_set_sequences(e.get(), 0, one, 1) == 0);
+    return e;
+}
+
+// One micro-batch of two sequences at the same positions: only seq 1's tokens get R.
+void scenario_bound_sequences(bool force) {
+    const scenario_rows rows;
+    engine_ptr e = sequence_engine(force, rows);
+    declared_batch b(TWO_SEQS);
+    CHECK(pyactadd_engine_declare_batch(e.get(), &b.b) == 0);
+    graph g = make_graph({ 0, 1, 0, 1 }, with_tokens({ 10, 11, 20, 21 }));
+    CHECK(run_graph(e.get(), g));
+    const float * a = rows.A.data();
+    CHECK(same(read_out(g), expect_cols({ { a }, { a }, { rows.r0, a }, { rows.r1, a } })));
+    const pyactadd_engine_stats s = pyactadd_engine_get_stats(e.get());
+    CHECK(s.n_rows_added == 4 && s.n_batch_mismatches == 0 && s.n_errors == 0);
+    CHECK(s.n_device_copies == (force ? 3u : 0u)); // positions once, the span read and written once
+    CHECK(pyactadd_engine_batch_status(e.get()) == 0);
+    // Bound to both, the ALIGN_ALL row too: the same row at every position of their tokens.
+    const int32_t both[] = { 0, 1 };
+    CHECK(pyactadd_engine_set_sequences(e.get(), 1, both, 2) == 0);
+    CHECK(pyactadd_engine_set_sequences(e.get(), 0, both + 1, 1) == 0);
+    CHECK(pyactadd_engine_declare_batch(e.get(), &b.b) == 0);
+    graph h = make_graph({ 0, 1, 0, 1 });
+    CHECK(run_graph(e.get(), h));
+    CHECK(same(read_out(h), expect_cols({ { a }, { a }, { rows.r0, a }, { rows.r1, a } })));
+}
+
+// llama.cpp's micro-batches (n_ubatch 3 here): consecutive slices, each checked and steered
+// by its own declared tokens; positions read once per micro-batch, steered or not.
+void scenario_split_batch(bool force) {
+    const scenario_rows rows;
+    engine_ptr e = sequence_engine(force, rows);
+    CHECK(pyactadd_engine_remove(e.get(), 1) == 0); // only the bound tensor
+    declared_batch b(TWO_SEQS);
+    CHECK(pyactadd_engine_declare_batch(e.get(), &b.b) == 0);
+    graph first = make_graph({ 0, 1, 0 }, with_tokens({ 10, 11, 20 }));
+    graph second = make_graph({ 1 }, with_tokens({ 21 }));
+    CHECK(run_graph(e.get(), first));
+    CHECK(run_graph(e.get(), second));
+    CHECK(same(read_out(first), expect_cols({ {}, {}, { rows.r0 } })));
+    CHECK(same(read_out(second), expect_cols({ { rows.r1 } })));
+    CHECK(pyactadd_engine_batch_status(e.get()) == 0);
+    CHECK(pyactadd_engine_get_stats(e.get()).n_rows_added == 2);
+
+    // Bound to seq 0 now, micro-batches of 2. Positions are read once per micro-batch: in the
+    // first, two layer outputs (l_out-2, then the steered l_out-3) share one read; the
+    // second (seq 1's tokens, no steered row) is read all the same, for the check.
+    const int32_t zero[] = { 0 };
+    CHECK(pyactadd_engine_set_sequences(e.get(), 0, zero, 1) == 0);
+    CHECK(pyactadd_engine_declare_batch(e.get(), &b.b) == 0);
+    pyactadd_engine_reset_stats(e.get());
+    graph s1_l2 = make_graph({ 0, 1 }, { "l_out-2" });
+    graph s1_l3 = make_graph({ 0, 1 }); // same micro-batch, deeper layer
+    graph s2 = make_graph({ 0, 1 }, { "l_out-2" });
+    CHECK(!run_graph(e.get(), s1_l2) && run_graph(e.get(), s1_l3));
+    CHECK(same(read_out(s1_l3), expect_cols({ { rows.r0 }, { rows.r1 } })));
+    CHECK(pyactadd_engine_get_stats(e.get()).n_device_copies == (force ? 3u : 0u));
+    CHECK(!run_graph(e.get(), s2));
+    CHECK(pyactadd_engine_get_stats(e.get()).n_device_copies == (force ? 4u : 0u));
+    CHECK(pyactadd_engine_batch_status(e.get()) == 0);
+    // A second micro-batch that is not the declared batch's next tokens.
+    CHECK(pyactadd_engine_declare_batch(e.get(), &b.b) == 0);
+    graph ok = make_graph({ 0, 1 }, { "l_out-2" });
+    graph bad = make_graph({ 5, 5 }, { "l_out-2" });
+    CHECK(!run_graph(e.get(), ok));
+    CHECK(run_graph(e.get(), bad)); // asked, so as to refuse it
+    CHECK(pyactadd_engine_batch_status(e.get()) == PYACTADD_STATUS_BATCH_MISMATCH);
+    CHECK(contains(pyactadd_engine_last_error(e.get()),
+                   "micro-batch 1 (from declared token 2): token 0 has position 5, the declared batch has 0 there"));
+}
+
+// Another batch than declared: nothing steered, the graph refused and aborted once, status -3.
+void scenario_batch_mismatch(bool force) {
+    const scenario_rows rows;
+    engine_ptr e = sequence_engine(force, rows);
+    llama_context_params cp = llama_context_default_params();
+    cp.kv_unified = true;
+    CHECK(pyactadd_engine_attach(e.get(), &cp) == 0);
+    declared_batch b(TWO_SEQS);
+    struct wrong_batch {
+        std::vector<int32_t> positions, tokens;
+        const char * error;
+    };
+    const wrong_batch wrong[] = {
+        { { 0, 1, 0, 2 }, {}, "token 3 has position 2, the declared batch has 1 there" },
+        { { 0, 1, 0, 1 }, { 10, 11, 20, 22 }, "token 3 (position 1) is token id 22, the declared batch has 21 there" },
+        { { 0, 1, 0, 1, 2 }, {}, "5 tokens, the declared batch has 4 left" },
+    };
+    uint64_t n = 0;
+    for (const wrong_batch & w : wrong) {
+        graph g = make_graph(w.positions, with_tokens(w.tokens));
+        CHECK(pyactadd_engine_declare_batch(e.get(), &b.b) == 0);
+        CHECK(!cp.abort_callback(cp.abort_callback_data));
+        bool go = true;
+        for (ggml_tensor * before : { g.embd, g.rope }) {
+            CHECK(before == nullptr || (!eval_node(cp.cb_eval, cp.cb_eval_user_data, before, &go) && go));
+        }
+        CHECK(eval_node(cp.cb_eval, cp.cb_eval_user_data, g.out, &go) && !go); // asked, then refused
+        CHECK(cp.abort_callback(cp.abort_callback_data));                      // the CPU backend aborts
+        CHECK(!cp.abort_callback(cp.abort_callback_data));                     // once: the graph is over
+        CHECK(same(read_out(g), std::vector<float>(g.n_tokens * N_EMBD, 0.0f)));
+        CHECK(pyactadd_engine_batch_status(e.get()) == PYACTADD_STATUS_BATCH_MISMATCH);
+        if (!contains(pyactadd_engine_last_error(e.get()), w.error)) {
+            std::fprintf(stderr, "  error '%s', wanted '%s'\n", pyactadd_engine_last_error(e.get()), w.error);
+            CHECK(false);
+        }
+        CHECK(pyactadd_engine_get_stats(e.get()).n_batch_mismatches == ++n);
+    }
+    CHECK(pyactadd_engine_get_stats(e.get()).n_rows_added == 0);
+    // The declaration is gone: the next graph runs, unbound rows only, still a mismatch.
+    graph next = make_graph({ 0, 1 });
+    CHECK(run_graph(e.get(), next));
+    CHECK(same(read_out(next), expect_cols({ { rows.A.data() }, { rows.A.data() } })));
+    CHECK(contains(pyactadd_engine_last_error(e.get()), "no batch declared"));
+    // A token path llama.cpp does not compute (embd input) is not compared.
+    CHECK(pyactadd_engine_declare_batch(e.get(), &b.b) == 0);
+    graph_opts stale = with_tokens({ 7, 7, 7, 7 });
+    stale.token_path_computed = false;
+    graph embd = make_graph({ 0, 1, 0, 1 }, stale);
+    CHECK(run_graph(e.get(), embd) && pyactadd_engine_batch_status(e.get()) == 0);
+}
+
+// Bound tensors without a declaration, or after it is used up: not applied, graph not
+// stopped, status -3; a binding made after the declaration that splits a token: mismatch.
+void scenario_undeclared(bool force) {
+    const scenario_rows rows;
+    engine_ptr e = sequence_engine(force, rows);
+    const float * a = rows.A.data();
+    graph g = make_graph({ 0, 1 });
+    bool go = false;
+    CHECK(run_graph(e.get(), g, &go) && go);
+    CHECK(same(read_out(g), expect_cols({ { a }, { a } })));
+    CHECK(pyactadd_engine_batch_status(e.get()) == PYACTADD_STATUS_BATCH_MISMATCH);
+    CHECK(pyactadd_engine_get_stats(e.get()).n_batch_mismatches == 1);
+    declared_batch b({ { 20, 0, { 1 } }, { 21, 1, { 1 } } });
+    CHECK(pyactadd_engine_declare_batch(e.get(), &b.b) == 0);
+    graph used = make_graph({ 0, 1 });
+    graph after = make_graph({ 0, 1 });
+    CHECK(run_graph(e.get(), used) && pyactadd_engine_batch_status(e.get()) == 0);
+    CHECK(same(read_out(used), expect_cols({ { rows.r0, a }, { rows.r1, a } })));
+    CHECK(run_graph(e.get(), after));
+    CHECK(same(read_out(after), expect_cols({ { a }, { a } })));
+    CHECK(pyactadd_engine_batch_status(e.get()) == PYACTADD_STATUS_BATCH_MISMATCH);
+    CHECK(contains(pyactadd_engine_last_error(e.get()), "no batch declared"));
+    // Without bound tensors nothing needs a declaration.
+    CHECK(pyactadd_engine_set_sequences(e.get(), 0, nullptr, 0) == 0);
+    CHECK(pyactadd_engine_declare_batch(e.get(), nullptr) == 0);
+    graph plain = make_graph({ 0, 1 });
+    CHECK(run_graph(e.get(), plain) && pyactadd_engine_batch_status(e.get()) == 0);
+    // Bound after declaring, to part of a shared token's sequences.
+    declared_batch shared({ { 1, 0, { 0, 1 } } });
+    CHECK(pyactadd_engine_declare_batch(e.get(), &shared.b) == 0);
+    const int32_t one[] = { 1 };
+    CHECK(pyactadd_engine_set_sequences(e.get(), 0, one, 1) == 0);
+    graph split = make_graph({ 0 });
+    CHECK(run_graph(e.get(), split, &go) && !go);
+    CHECK(contains(pyactadd_engine_last_error(e.get()), "belongs to sequences {0, 1}"));
+    CHECK(same(read_out(split), std::vector<float>(N_EMBD, 0.0f)));
+}
+
 void test_graph_scenarios(bool force) {
     std::fprintf(stderr, "graph scenarios, %s path\n", force ? "device-copy" : "host");
     scenario_front(force);
@@ -816,6 +1113,10 @@ void test_graph_scenarios(bool force) {
     scenario_switching_paths(force);
     scenario_capture(force);
     scenario_capture_stop(force);
+    scenario_bound_sequences(force);
+    scenario_split_batch(force);
+    scenario_batch_mismatch(force);
+    scenario_undeclared(force);
 }
 
 // pyactadd_engine_load_file must return `code` with `msg` in the error and leave the engine unchanged.
@@ -1139,6 +1440,8 @@ int main(int argc, char ** argv) {
     test_chained_callback();
     test_callback_degenerate_input();
     test_capture_validation();
+    test_set_sequences_validation();
+    test_declare_validation();
     test_graph_scenarios(false);
     test_graph_scenarios(true);
     test_load_file(dir);

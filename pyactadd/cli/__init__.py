@@ -6,7 +6,9 @@ usage errors ``Error: …`` with where the usage is (2), Ctrl-C ``Interrupted.``
 
 from __future__ import annotations
 
-import signal
+# _signal (built in, loaded with the interpreter) rather than signal (a module to import):
+# until the handler below is in, a Ctrl-C is Python's own traceback.
+import _signal
 import sys
 
 
@@ -19,20 +21,31 @@ def _set_sigint(handler):
     """Install a SIGINT handler and return the previous one; None (nothing installed)
     outside the main thread, where Python cannot handle signals, and where SIGINT is
     ignored (a background job of a script: it is meant to be immune, as Python leaves it)."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    if _signal.getsignal(_signal.SIGINT) is _signal.SIG_IGN:
         return None
     try:
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = _signal.signal(_signal.SIGINT, handler)
     except ValueError:
         return None
-    return signal.default_int_handler if previous is None else previous
+    return _signal.default_int_handler if previous is None else previous
+
+
+def _run_as_command() -> bool:
+    """Whether this process is the ``pyactadd`` command (its console script, or ``python -m
+    pyactadd``), which calls :func:`main` right after importing this module."""
+    path = sys.argv[0].replace("\\", "/") if sys.argv else ""
+    name = path.rsplit("/", 1)[-1]
+    return name.split(".")[0].split("-")[0] == "pyactadd" or path.endswith("pyactadd/__main__.py")
 
 
 # Importing the commands (numpy, click, ...) takes a noticeable moment: Ctrl-C during it is
-# one line instead of an import traceback. The previous handler is back once they are in.
+# one line instead of an import traceback. For the command the handler stays until main()
+# puts in its own (and is back after it, for the exit); for any other importer the previous
+# handler is back once the commands are in.
 _BEFORE_IMPORT = _set_sigint(_interrupted_while_starting)
 
 import _thread  # noqa: E402
+import signal  # noqa: E402
 import logging  # noqa: E402
 import threading  # noqa: E402
 import warnings  # noqa: E402
@@ -139,5 +152,5 @@ def main(verbose: bool) -> None:
 
 from pyactadd.cli import compare_cmd, config_cmd, extract_cmd, run_cmd, convert_cmd, inspect_cmd, serve_cmd, eval_cmd, sweep_cmd, worker_cmd  # noqa: E402,F401  (registers the commands)
 
-if _BEFORE_IMPORT is not None:
+if _BEFORE_IMPORT is not None and not _run_as_command():
     signal.signal(signal.SIGINT, _BEFORE_IMPORT)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import textwrap
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 
 def side_by_side(left_title: str, left: str, right_title: str, right: str, *, width: int | None = None) -> str:
@@ -46,3 +47,21 @@ def render(blocks: Iterable[object]) -> str:
     for block in blocks:
         lines += [block] if isinstance(block, str) else table(block.rows, block.right)
     return "\n".join(lines).rstrip()
+
+
+@contextlib.contextmanager
+def progress_bar(desc: str, unit: str = "completion") -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar on stderr (off when stderr is not a terminal), as a ``progress(done, total)`` callback."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit=unit, leave=False, disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield progress
+    finally:
+        bar.close()

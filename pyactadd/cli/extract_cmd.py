@@ -111,6 +111,7 @@ def extract_command(positive, negative, pairs_file, method, batch_size, pca_cent
     if options["n_gpu_layers"] is not None and options["backend"] != "llama":
         raise click.BadParameter("applies to --backend llama only (the PyTorch backend runs on the CPU)", param_hint="--n-gpu-layers")
     options["layers"] = list(options["layers"])
+    _check_coeff(options["coeff"])
     if pairs_file is not None:
         _extract_pairs(pairs_file, method or "actadd", batch_size, pca_center, output, options)
         return
@@ -118,6 +119,17 @@ def extract_command(positive, negative, pairs_file, method, batch_size, pca_cent
 
     options["model"] = resolve_model(options["model"])
     _save(extract(positive, negative, progress=True, **options), output, options)
+
+
+def _check_coeff(coeff: float) -> None:
+    """Refuse a coefficient the float32 rows cannot hold before the model runs."""
+    from pyactadd.errors import PyactaddError
+    from pyactadd.vector.value import check_coefficient
+
+    try:
+        check_coefficient(coeff)
+    except PyactaddError as exc:
+        raise click.BadParameter(str(exc), param_hint="--coeff") from None
 
 
 def _extract_pairs(pairs_file: Path, method: str, batch_size: int, pca_center: bool, output: Path, options: dict) -> None:

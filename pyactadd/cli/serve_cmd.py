@@ -7,7 +7,16 @@ from pathlib import Path
 import click
 
 from pyactadd.cli import main
-from pyactadd.cli.params import apply_options, gguf_model, is_loopback, model_option, placement_from, rpc_options, threads_option
+from pyactadd.cli.params import (
+    apply_options,
+    check_context_memory,
+    gguf_model,
+    is_loopback,
+    model_option,
+    placement_from,
+    rpc_options,
+    threads_option,
+)
 
 _OPTIONS = [
     model_option,
@@ -25,7 +34,11 @@ _OPTIONS = [
         default=None,
         help="Require 'Authorization: Bearer KEY' on /v1/* (also read from $PYACTADD_API_KEY).",
     ),
-    click.option("--queue-size", type=click.IntRange(1, 4096), default=8, show_default=True, help="Requests that may wait behind the running one; more get 503 with Retry-After."),
+    click.option("--queue-size", type=click.IntRange(1, 4096), default=8, show_default=True, help="Requests that may wait behind the running ones; more get 503 with Retry-After."),
+    click.option(
+        "--parallel", type=click.IntRange(1, 256), default=1, show_default=True,
+        help="Requests generated together in one continuous batch, each with its own steering (1: one at a time).",
+    ),
     click.option("--max-tokens", type=click.IntRange(1, 1 << 20), default=1024, show_default=True, help="Largest max_tokens a request may ask for."),
     click.option("--max-body", "max_body", type=click.IntRange(1024, 1 << 30), default=1 << 20, show_default=True, help="Largest JSON request body, in bytes."),
     click.option("--max-upload", "max_upload", type=click.IntRange(1024, 1 << 32), default=64 << 20, show_default=True, help="Largest uploaded steering file, in bytes."),
@@ -45,7 +58,7 @@ _OPTIONS = [
         help="Reuse the KV prefix between consecutive requests with the same steering (faster on long shared prompts; "
         "outputs then may differ from `pyactadd run` in the last bits).",
     ),
-    click.option("--n-ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True, help="Context length."),
+    click.option("--n-ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True, help="Context length (per request with --parallel)."),
     threads_option,
     rpc_options,
     # Set by serve itself when it restarts in place after a lost RPC worker: keep this
@@ -57,7 +70,7 @@ _OPTIONS = [
 @main.command("serve")
 @apply_options(_OPTIONS)
 def serve_command(
-    model, vectors, host, port, api_key, queue_size, max_tokens, max_body, max_upload, max_vectors, max_vector_bytes, no_upload,
+    model, vectors, host, port, api_key, queue_size, parallel, max_tokens, max_body, max_upload, max_vectors, max_vector_bytes, no_upload,
     prompt_cache, n_ctx, threads, rpc, rpc_split, rpc_layers, listen_fd,
 ):
     """Serve the model over HTTP: OpenAI-compatible completions with per-request steering.
@@ -77,6 +90,7 @@ def serve_command(
     Examples:
       pyactadd serve --vectors ./vectors
       pyactadd serve --vectors ./vectors --port 9000 --api-key "$KEY"
+      pyactadd serve --vectors ./vectors --parallel 8
       pyactadd serve --vectors ./vectors --rpc 10.0.0.2:50052,10.0.0.3:50052
 
     With --rpc, losing a worker fails the request in flight (502); the server then answers
@@ -89,6 +103,11 @@ def serve_command(
     _check_api_key(api_key, host)
     model_path = gguf_model(model)
     placement = placement_from(rpc, rpc_split, rpc_layers)
+    if placement is None:  # with --rpc the cache lives on the workers
+        if parallel == 1:
+            check_context_memory(model_path, n_ctx)
+        else:  # the batch has a context of n_ctx per sequence besides the model's own
+            check_context_memory(model_path, n_ctx * (parallel + 1), "a total context (--n-ctx x (--parallel + 1)) of")
     guard = process.LostWorkerGuard.install(placement.endpoints) if placement is not None else None
     llama = load_llama(model_path, n_ctx=n_ctx, n_threads=threads, placement=placement)
     registry = _registry(llama, vectors, max_vectors, max_vector_bytes)
@@ -96,6 +115,7 @@ def serve_command(
         model_name=model_path.name,
         max_tokens=max_tokens,
         queue_size=queue_size,
+        parallel=parallel,
         max_body_bytes=max_body,
         max_upload_bytes=max_upload,
         max_vectors=max_vectors,

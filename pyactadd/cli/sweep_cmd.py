@@ -11,7 +11,14 @@ import click
 from pyactadd.cli import main
 from pyactadd.cli.display import render
 from pyactadd.cli.params import Text, apply_options, check_context_memory, gguf_model, load_text_set, model_option, text_set_option, threads_option
+from pyactadd.cli.eval_cmd import GENERATION_OPTIONS
 from pyactadd.measure.evaluation import DEFAULT_OFF_SET, DEFAULT_ON_SET
+
+_BEHAVIOUR_ONLY_GENERATION = ("limit", "n", "max_tokens", "temperature", "top_p", "parallel", "direction", "classifier")
+"""eval's generation options that sweep lacks (it has --prompts, --targets and --seed of its own, reused)."""
+
+_BEHAVIOUR_ONLY = ("task", "max_disfluency", "prompted_text") + _BEHAVIOUR_ONLY_GENERATION
+_PERPLEXITY_ONLY = ("on_file", "off_file", "budget", "score_positions", "no_holdout", "no_prune")
 
 
 class _Parsed(click.ParamType):
@@ -95,8 +102,10 @@ _OPTIONS = [
     ),
     click.option("--pad", type=Text(), default=" ", show_default="' '", help="Single-token text that right-pads the shorter prompt."),
     click.option("--keep-outliers", is_flag=True, help="Keep rows that sit on attention sinks (default: zero them)."),
-    click.option("--targets", type=Text(), default=None, help="Comma-separated words for the steering score (default: picked from the on-target text)."),
-    click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Prompts for the steering score, one a line (default: six neutral prompts)."),
+    click.option("--targets", type=Text(), default=None, help="Comma-separated words for the steering score (default: picked from the on-target text); "
+                 "with --objective behaviour, the words that count as success (or a file, one a line)."),
+    click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Prompts for the steering score, one a line (default: six neutral prompts); "
+                 "with --objective behaviour, the openings to complete (default: the shipped set for --task)."),
     click.option("--score-positions", type=click.IntRange(1, 256), default=8, show_default=True, help="Generated positions the steering score averages over."),
     click.option("--controls", type=click.IntRange(0, 100), default=3, show_default=True, help="Norm-matched random vectors evaluated at the recommended cell."),
     click.option("--no-holdout", is_flag=True, help="Choose on all sentences instead of the even lines (no held-out check)."),
@@ -111,6 +120,19 @@ _OPTIONS = [
     click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True, help="Seed of the random controls."),
     click.option("--json", "as_json", is_flag=True, help="Print the result JSON on stdout (the tables go to stderr)."),
     click.option("--n-ctx", type=click.IntRange(16, 1 << 20), default=1024, show_default=True, help="Longest sentence in tokens."),
+    click.option(
+        "--objective",
+        type=click.Choice(["perplexity", "behaviour"]),
+        default="perplexity",
+        show_default=True,
+        help="perplexity: on/off-target perplexity ratios (above); behaviour: success rate of generated completions "
+        "(--task) under a disfluency budget (--max-disfluency), chosen on half the openings (--prompts) and checked on the other half.",
+    ),
+    click.option("--task", type=click.Choice(["sentiment", "topic", "words"]), default=None, help="With --objective behaviour: what counts as success. Default: topic."),
+    click.option("--max-disfluency", type=click.FloatRange(1.0), default=None,
+                 help="With --objective behaviour: largest mean disfluency as a ratio to the unsteered one. Default: 1.5."),
+    *[GENERATION_OPTIONS[name] for name in _BEHAVIOUR_ONLY_GENERATION],
+    click.option("--prompted-text", type=Text(), default=None, help="With --objective behaviour: what the prompted baseline prepends. Default: the positive prompt."),
     threads_option,
     model_option,
 ]
@@ -121,7 +143,7 @@ _OPTIONS = [
 def sweep_command(
     positive, negative, vector_file, on_file, off_file, layers, coeffs, budget, out_dir, write_file, anchor, pad,
     keep_outliers, targets, prompts_file, score_positions, controls, no_holdout, no_prune, compute, seed, as_json,
-    n_ctx, threads, model,
+    n_ctx, threads, model, objective, **behaviour,
 ):
     """Choose a layer and a coefficient: sweep a grid and recommend a cell.
 
@@ -136,12 +158,25 @@ def sweep_command(
     Writes sweep.json and sweep.csv after every cell (Ctrl-C keeps a valid partial
     result and prints the best cell so far) and sweep.png at the end.
 
+    With --objective behaviour every cell generates completions of the even lines of
+    --prompts (default: the shipped openings for --task) and the cell with the highest
+    success rate whose mean disfluency is within --max-disfluency x unsteered is chosen;
+    the odd lines check it beside unsteered, prompted and norm-matched random vectors.
+    Writes sweep.json.
+
     \b
     Examples:
       pyactadd sweep -p " weddings" -n " "
       pyactadd sweep -p " weddings" -n " " --layers 8-20:4 --coeffs 0.5,1,2 --out sw
       pyactadd sweep --vector love.gguf --on kind.txt --off neutral.txt --write best.gguf
+      pyactadd sweep -p " weddings" -n " " --objective behaviour --task topic --layers 6,12 --coeffs 2,4,8
     """
+    from pyactadd.cli.eval_cmd import refuse_options
+
+    if objective == "behaviour":
+        _behaviour_sweep(click.get_current_context().params)
+        return
+    refuse_options(_BEHAVIOUR_ONLY, "--objective perplexity")
     from pyactadd.measure.perplexity import BatchScorer, scoring_model
     from pyactadd.measure.sweep import sweep_base, sweep_info, targets_from_words
 
@@ -254,3 +289,50 @@ def _report(result, scorer, out_dir: Path, *, as_json: bool, write_file: Path | 
         vector = result.recommended_vector()
         vector.save(write_file)
         click.echo(f"Wrote {write_file}: layer {vector.layer_ids[0]}, coeff {vector.coefficient:g}", err=True)
+
+
+def _behaviour_sweep(settings: dict) -> None:
+    """``sweep --objective behaviour`` (``settings``: every parameter of the command): generate and score
+    every cell, choose, check on held-out openings, report."""
+    from pyactadd.cli.display import progress_bar
+    from pyactadd.cli.eval_cmd import behaviour_task, generation_settings, refuse_options
+    from pyactadd.files import atomic_write_text
+    from pyactadd.errors import InputError
+    from pyactadd.measure.behaviour import prompted_prefix
+    from pyactadd.measure.behaviour_sweep import DEFAULT_MAX_DISFLUENCY, chosen_vector, run_behaviour_sweep
+    from pyactadd.measure.perplexity import BatchScorer, scoring_model
+    from pyactadd.measure.report import behaviour_sweep_summary
+    from pyactadd.measure.sweep import JSON_NAME, sweep_base
+    from pyactadd.runtime.generate import load_llama
+
+    refuse_options(_PERPLEXITY_ONLY, "--objective behaviour")
+    positive, negative, vector_file = settings["positive"], settings["negative"], settings["vector_file"]
+    _check_choice(positive, negative, vector_file, settings["write_file"])
+    options = settings  # eval's option names: prompts_file, targets and seed are sweep's own, reused
+    task, _, openings = behaviour_task(options["task"] or "topic", options)
+    sampling, n, parallel = generation_settings(options)
+    model_path = gguf_model(settings["model"])
+    check_context_memory(model_path, settings["n_ctx"])
+    base, layers = sweep_base(
+        model_path, vector_file=vector_file, positive=positive, negative=negative, layers=settings["layers"],
+        anchor=settings["anchor"], pad=settings["pad"], zero_outliers=not settings["keep_outliers"],
+    )
+    prefix = prompted_prefix([(base, 1.0)], options["prompted_text"])
+    llama = load_llama(model_path, n_threads=settings["threads"])
+    scorer = BatchScorer(scoring_model(model_path, settings["compute"]), n_ctx=settings["n_ctx"], n_threads=settings["threads"])
+    with progress_bar("sweep") as progress:
+        payload = run_behaviour_sweep(
+            llama, scorer, base, openings, task, layers=layers, coeffs=settings["coeffs"], prefix=prefix,
+            max_disfluency=options["max_disfluency"] or DEFAULT_MAX_DISFLUENCY, n=n, sampling=sampling, parallel=parallel,
+            n_controls=settings["controls"], seed=options["seed"], progress=progress,
+        )
+    out_dir = settings["out_dir"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / JSON_NAME, json.dumps(payload, indent=2, ensure_ascii=False) + "\n", error=InputError)
+    click.echo(render(behaviour_sweep_summary(payload)) + f"\n\nWrote {out_dir / JSON_NAME}", err=settings["as_json"])
+    if settings["as_json"]:
+        click.echo(json.dumps(payload, ensure_ascii=False, indent=2))
+    if settings["write_file"] is not None and payload["chosen"] is not None:
+        vector = chosen_vector(base, payload["chosen"]["layer"], payload["chosen"]["coeff"])
+        vector.save(settings["write_file"])
+        click.echo(f"Wrote {settings['write_file']}: layer {vector.layer_ids[0]}, coeff {vector.coefficient:g}", err=True)

@@ -22,6 +22,7 @@ For a single pair the rows are ``coeff * (h_pos - h_neg)`` at every prompt posit
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from pyactadd.extract.sources import open_block_inputs
 from pyactadd.prompts.pairs import Pair
 from pyactadd.prompts.tokens import Tokenizer, apply_anchor, fingerprint_of, resolve_anchor
 from pyactadd.vector.layers import check_layer
-from pyactadd.vector.value import ModelFingerprint, SteeringVector
+from pyactadd.vector.value import ModelFingerprint, SteeringVector, check_coefficient, scaled_rows
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -61,6 +62,10 @@ __all__ = [
 
 DEFAULT_BATCH_SIZE = 8
 """Pairs per forward pass."""
+
+UNKNOWN_MODEL_CONTEXT = 2048
+"""The context a prompt's rows are checked against when the model does not say how long a
+context it was trained for: ``pyactadd run``'s default ``--n-ctx``."""
 
 @dataclass(frozen=True)
 class Prepared:
@@ -116,7 +121,48 @@ def prepare(pairs: Sequence[Pair], layers: int | Sequence[int], model, pad: str,
         (apply_anchor(tokenizer.encode(p.positive), anchor_id), apply_anchor(tokenizer.encode(p.negative), anchor_id))
         for p in pairs
     ]
+    _check_lengths(ids, model_path, tokenizer)
     return Prepared(list(pairs), wanted, model_path, fingerprint, tokenizer, pad_id, anchor, anchor_id, ids)
+
+
+def trained_context(model_path: Path, tokenizer: Tokenizer) -> int | None:
+    """The context length the model was trained for (llama.cpp's ``n_ctx_train``), or None when it does not say.
+
+    A GGUF file's ``<arch>.context_length``; a Hugging Face directory's ``max_position_embeddings``.
+    """
+    if model_path.is_dir():
+        try:
+            config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        value = (config.get("text_config") or config).get("max_position_embeddings")
+    else:
+        metadata = getattr(tokenizer, "metadata", {})
+        value = metadata.get(f"{metadata.get('general.architecture')}.context_length")
+    try:
+        length = int(value)
+    except (TypeError, ValueError):
+        return None
+    return length if length > 0 else None
+
+
+def _check_lengths(ids: list[tuple[list[int], list[int]]], model_path: Path, tokenizer: Tokenizer) -> None:
+    """Refuse a prompt with more tokens than any context of the model holds: its rows could never be used.
+
+    Checked before the model runs (a 100,000-character prompt would otherwise cost minutes
+    and write a file no context can take).
+    """
+    trained = trained_context(model_path, tokenizer)
+    limit = trained or UNKNOWN_MODEL_CONTEXT
+    where = "the model's n_ctx_train" if trained else "pyactadd run's default --n-ctx; the model does not give its own"
+    for index, pair in enumerate(ids):
+        for name, seq in zip(("positive", "negative"), pair):
+            if len(seq) > limit:
+                which = f"the {name} prompt" if len(ids) == 1 else f"pair {index + 1}'s {name} prompt"
+                raise InputError(
+                    f"{which} is {len(seq)} tokens, more than the {limit} positions a context can hold ({where}): "
+                    f"the vector's rows could not be used; shorten it to at most {limit} tokens"
+                )
 
 
 def run_method(
@@ -265,6 +311,7 @@ def extract(
             or anchor that is not one token, a zero row out of range, or a missing model.
     """
     coeff = checked_coeff(coeff)
+    check_coefficient(coeff)
     chosen = checked_backend(backend, n_gpu_layers)
     pair = Pair(checked_prompt("positive", positive), checked_prompt("negative", negative))
     prepared = prepare([pair], layers, model, pad, anchor)
@@ -286,7 +333,7 @@ def _aggregate(
             found, fraction = method.aggregate(data, n_pairs, center)
         except InputError as exc:
             raise InputError(f"layer {layer}: {exc}") from None
-        rows[layer] = np.float32(coeff) * found
+        rows[layer] = scaled_rows(found, coeff, layer)
         if fraction is not None:
             explained[layer] = fraction
     return rows, explained

@@ -22,13 +22,12 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from pyactadd.errors import InputError
-from pyactadd.files import atomic_write_text
+from pyactadd.files import atomic_write_text, remove_stale_temps, temp_path
 
 if TYPE_CHECKING:
     import torch
@@ -151,6 +150,9 @@ def _load_cached(entry: Path) -> torch.nn.Module:
 
 def _load_gguf(path: Path, stat: os.stat_result, *, progress: bool) -> torch.nn.Module:
     entry = cache_entry(path, stat=stat)
+    # Half-written entries of runs killed outright (SIGKILL) are hundreds of MB each;
+    # their names carry the writer's pid, so those whose writer is gone can go.
+    remove_stale_temps(entry.parent)
     if (entry / _DONE_FILE).is_file():
         try:
             return _load_cached(entry)
@@ -243,7 +245,8 @@ def _save_pretrained(model: torch.nn.Module, directory: Path) -> None:
 def _write_entry(entry: Path, *, source: Path, save: Callable[[Path], None]) -> None:
     """Create cache ``entry`` atomically: ``save`` fills a temporary directory that is then renamed."""
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    tmp = temp_path(entry)  # a name with this process's pid, for remove_stale_temps
+    tmp.mkdir()
     try:
         save(tmp)
         (tmp / _DONE_FILE).write_text(json.dumps({"source": str(source)}) + "\n", encoding="utf-8")
@@ -262,7 +265,7 @@ def _discard(entry: Path) -> None:
     """Remove an incomplete or corrupt cache entry (renamed first, so readers never see it half-deleted)."""
     if not entry.exists():
         return
-    doomed = entry.with_name(f".{entry.name}.stale.{os.getpid()}")
+    doomed = temp_path(entry)  # a kill during the removal leaves a folder the next run removes
     try:
         os.rename(entry, doomed)
     except OSError:

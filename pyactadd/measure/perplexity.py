@@ -39,6 +39,7 @@ import numpy as np
 from pyactadd.errors import EngineError, InputError
 from pyactadd.files import atomic_write, remove_stale_temps, sigint_held
 from pyactadd.native import default_threads, llama_cpp_module
+from pyactadd.runtime.steering import CLOSED
 
 DEFAULT_N_CTX = 1024
 """KV cache size and the most tokens one ``llama_decode`` takes: the longest sentence that can be scored."""
@@ -449,31 +450,40 @@ class BatchScorer:
         llama.cpp's buffer, valid only until the next batch is decoded: use it before
         asking for the next one.
 
+        The whole run holds the Llama as a generation does (its :class:`~pyactadd.runtime.steering.LlamaGuard`):
+        a ``close()`` from another thread takes effect at the next batch, with EngineError,
+        and frees the context only once the run has stopped; a steering change during the
+        run is refused.
+
         Raises:
-            EngineError: llama.cpp or the steering engine failed.
+            EngineError: llama.cpp or the steering engine failed, or the Llama is closed
+                (before or during the run).
         """
         import time
 
         lc = llama_cpp_module()
-        ctx = self.llama.ctx
-        memory = lc.llama_get_memory(ctx)
-        self.steering.reset_stats()
-        for batch in plan.batches:
-            lc.llama_memory_clear(memory, True)
-            start = time.perf_counter()
-            rc = lc.llama_decode(ctx, batch.raw)
-            self.decode_seconds += time.perf_counter() - start
-            self.n_decodes += 1
-            if rc != 0:
+        with self.steering.guard.using("eval"):
+            ctx = self.llama.ctx
+            memory = lc.llama_get_memory(ctx)
+            self.steering.reset_stats()
+            for batch in plan.batches:
+                if self.steering.closed:
+                    raise EngineError(f"{CLOSED} (it was closed while scoring)")
                 lc.llama_memory_clear(memory, True)
-                raise EngineError(f"llama_decode failed with code {rc} on a batch of {batch.n_tokens} tokens")
-            self.steering.check_errors()
-            pointer = lc.llama_get_logits(ctx)
-            logits = np.ctypeslib.as_array(pointer, shape=(batch.n_outputs, self.n_vocab)) if batch.n_outputs else None
-            yield batch, logits
-            if self.on_batch is not None:
-                self.on_batch(len(batch.members))
-        lc.llama_memory_clear(memory, True)
+                start = time.perf_counter()
+                rc = lc.llama_decode(ctx, batch.raw)
+                self.decode_seconds += time.perf_counter() - start
+                self.n_decodes += 1
+                if rc != 0:
+                    lc.llama_memory_clear(memory, True)
+                    raise EngineError(f"llama_decode failed with code {rc} on a batch of {batch.n_tokens} tokens")
+                self.steering.check_errors()
+                pointer = lc.llama_get_logits(ctx)
+                logits = np.ctypeslib.as_array(pointer, shape=(batch.n_outputs, self.n_vocab)) if batch.n_outputs else None
+                yield batch, logits
+                if self.on_batch is not None:
+                    self.on_batch(len(batch.members))
+            lc.llama_memory_clear(memory, True)
 
     # ------------------------------------------------------------------ scores
 

@@ -191,3 +191,50 @@ def _title(result: dict) -> str:
     if not result.get("complete", True):
         title += " (interrupted)"
     return title
+
+
+# ---------------------------------------------------------------- eval --coeffs: dose-response
+
+
+def plot_dose_response(payload: dict, path: str | os.PathLike[str]) -> Path:
+    """Draw a behavioural evaluation with several coefficients (``eval --json``'s dict) into a PNG at ``path``.
+
+    Top: success rate against the coefficient with its 95 % intervals; bottom: mean
+    disfluency with its interval. The unsteered and prompted conditions are horizontal
+    lines (the prompted one is the paper's baseline).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    steered = sorted((c for c in payload["conditions"] if c["coeff"] is not None), key=lambda c: c["coeff"])
+    baselines = {c["condition"]: c for c in payload["conditions"] if c["coeff"] is None}
+    figure, (ax_success, ax_disfluency) = plt.subplots(2, 1, figsize=(7, 7), sharex=True, layout="constrained")
+    x = np.array([c["coeff"] for c in steered], dtype=np.float64)
+    panels = ((ax_success, lambda c: c["success"], "success rate"), (ax_disfluency, lambda c: c["disfluency"]["mean"], "disfluency (mean perplexity)"))
+    for ax, pick, title in panels:
+        points = [pick(c) for c in steered]
+        known = [i for i, p in enumerate(points) if p is not None]
+        values = np.array([points[i]["value"] for i in known])
+        errors = np.array([[points[i]["value"] - points[i]["low"] for i in known], [points[i]["high"] - points[i]["value"] for i in known]])
+        ax.errorbar(x[known], values, yerr=errors, fmt="o-", color="tab:blue", capsize=3, label="steered")
+        for name, style in (("unsteered", ":"), ("prompted", "--")):
+            point = pick(baselines[name]) if name in baselines else None
+            if point is not None:
+                ax.axhline(point["value"], color="black" if name == "unsteered" else "tab:orange", ls=style, label=name)
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+    ax_success.set_ylim(-0.02, 1.02)
+    ax_success.legend(fontsize=8)
+    ax_disfluency.set_xlabel("coefficient")
+    figure.suptitle(f"pyactadd eval --task {payload['task']}: dose-response ({steered[0]['n'] if steered else 0} completions each)")
+    from pyactadd.errors import InputError
+    from pyactadd.files import atomic_write
+
+    out = Path(path)
+    try:
+        atomic_write(out, lambda temp: figure.savefig(temp, dpi=110, format="png"), error=InputError)
+    finally:
+        plt.close(figure)
+    return out

@@ -52,18 +52,17 @@ def eval_payload(
         "model": str(model),
         "scored_with": str(scorer.model_path),
         "mode": "fast" if fast else "exact",
-        "steering": [
-            {
-                "file": path,
-                "coeff": coeff,
-                "layers": vector.layer_ids,
-                "positions": vector.n_positions,
-                "alignment": align or vector.alignment,
-            }
-            for path, vector, coeff in steering
-        ],
+        "steering": steering_entries(steering, align),
         **result,
     }
+
+
+def steering_entries(steering: Sequence[tuple[str, SteeringVector, float]], align: object = None) -> list[dict]:
+    """``(file, vector, coeff)`` items as the JSON records them: file, coefficient, layers, positions, alignment."""
+    return [
+        {"file": path, "coeff": coeff, "layers": vector.layer_ids, "positions": vector.n_positions, "alignment": align or vector.alignment}
+        for path, vector, coeff in steering
+    ]
 
 
 def eval_report(payload: dict, scorer: BatchScorer) -> list[Block]:
@@ -189,3 +188,83 @@ def _recommendation(payload: dict) -> list[Block]:
             )
         )
     return [f"{tag}: layer {recommended['layer']}, coefficient {recommended['coeff']:g}", Table(rows, frozenset({1, 2, 3}))]
+
+
+# ---------------------------------------------------------------- eval --task sentiment|topic|words
+
+
+def behaviour_report(payload: dict) -> list[Block]:
+    """The table of a behavioural ``pyactadd eval`` in the paper's shape: condition x success x disfluency.
+
+    ``payload`` is :meth:`~pyactadd.measure.behaviour.BehaviourResult.as_dict` plus the
+    settings :func:`behaviour_settings` adds.
+    """
+    sampling = payload["sampling"]
+    steering = " + ".join(f"{Path(s['file']).name}:{s['coeff']:g}" for s in payload.get("steering", []))
+    blocks: list[Block] = [
+        f"Task {payload['task']} ({payload['scorer']})",
+        f"{payload['n_openings']} openings from {payload.get('openings_file', 'the prompt set')} x {payload['n_per_opening']} "
+        f"completions, {sampling['max_tokens']} tokens, temperature {sampling['temperature']:g}, seed {sampling['seed']}; "
+        f"steering {steering or '-'}; prompted: {payload['prompted_text']!r} prepended",
+        "",
+    ]
+    blocks.append(condition_table(payload["conditions"]))
+    timing = payload.get("timing", {})
+    if timing:
+        blocks += ["", f"Generated {timing.get('generated_tokens', 0)} tokens in {timing.get('generate', 0):.1f} s; scored in {timing.get('score', 0):.1f} s"]
+    blocks += ["Disfluency: perplexity of each completion given its opening under the unsteered model (empty completions left out)."]
+    return blocks
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def behaviour_settings(
+    *, model: str | os.PathLike[str], openings_file: str, steering: Sequence[tuple[str, SteeringVector, float]], align: object = None
+) -> dict:
+    """The settings ``eval --task ... --json`` records before the result: model, openings file, steering files."""
+    return {
+        "model": str(model),
+        "openings_file": openings_file,
+        "steering": steering_entries(steering, align),
+    }
+
+
+def condition_table(conditions: Sequence[dict]) -> Table:
+    """Condition x n x success (interval, p-values) x disfluency (mean with interval, median)."""
+    rows = [("condition", "n", "success", "95% interval", "p vs unsteered", "p vs prompted", "disfluency mean [95%]", "median")]
+    for c in conditions:
+        name = c["condition"] if c["coeff"] is None else f"{c['condition']} x{c['coeff']:g}"
+        s, d = c["success"], c["disfluency"]
+        mean = f"{d['mean']['value']:.1f} [{d['mean']['low']:.1f}, {d['mean']['high']:.1f}]" if d["mean"] else "-"
+        median = f"{d['median']['value']:.1f}" if d["median"] else "-"
+        rows.append(
+            (name, str(c["n"]), f"{s['value']:.3f}", f"{s['low']:.3f}-{s['high']:.3f}", _p(c["p_vs_unsteered"]), _p(c["p_vs_prompted"]), mean, median)
+        )
+    return Table(rows, frozenset({1, 2, 4, 5, 7}))
+
+
+def behaviour_sweep_summary(payload: dict) -> list[Block]:
+    """``sweep --objective behaviour``'s report: the grid, the chosen cell, and its held-out check."""
+    cells, budget = payload["cells"], payload["max_disfluency"]
+    split, base = payload["split"], payload["tune_unsteered"]
+    blocks: list[Block] = [
+        f"Swept {len({c['layer'] for c in cells})} layers x {len({c['coeff'] for c in cells})} coefficients by {payload['task']} success "
+        f"({payload['scorer']}) in {payload['timing']['seconds']:.0f} s",
+        f"Chosen on {split['n_tune']} openings x {split['n_per_opening']} (even lines), checked on {split['n_holdout']} held-out ones; "
+        f"budget: mean disfluency at most {budget:g} x unsteered ({base['disfluency']:.1f}; unsteered success {base['success']:.3f})",
+        "",
+    ]
+    rows = [("layer", "coeff", "success", "disfluency", "ratio", "within")]
+    ranked = sorted(cells, key=lambda c: (not c["within_budget"], -c["success"], c["disfluency"]))
+    for c in ranked[:8]:
+        rows.append((str(c["layer"]), f"{c['coeff']:g}", f"{c['success']:.3f}", f"{c['disfluency']:.1f}", f"{c['disfluency_ratio']:.2f}", "yes" if c["within_budget"] else "no"))
+    blocks += ["Best cells (tuning openings):", Table(rows, frozenset({0, 1, 2, 3, 4})), ""]
+    chosen = payload["chosen"]
+    if chosen is None:
+        return blocks + [f"No cell keeps the mean disfluency within {budget:g} x unsteered: try smaller coefficients or a larger --max-disfluency."]
+    blocks += [f"Chosen: layer {chosen['layer']}, coefficient {chosen['coeff']:g}. Held-out openings:", condition_table(payload["holdout"]["conditions"])]
+    return blocks

@@ -749,7 +749,7 @@ class _Run:
     def grid(self, prune: bool) -> None:
         """Measure every cell in order, skipping the ones pruning rules out; save after each."""
         base, budget = self.result.base_vector, self.result.budget
-        vectors = {layer: _one_layer(base, layer) for layer in {c.layer for c in self.result.cells}}
+        vectors = {layer: one_layer(base, layer) for layer in {c.layer for c in self.result.cells}}
         skip_from: dict[tuple[int, int], float] = {}  # (layer, sign) -> |coeff| from which cells are skipped
         for cell in self.result.cells:
             sign = int(np.sign(cell.coeff))
@@ -778,11 +778,11 @@ class _Run:
         base = result.base_vector
         split = "holdout" if "holdout" in self.meter.splits else "tune"
         if split == "holdout":
-            result.holdout = self.measured(_one_layer(base, cell.layer), cell.coeff, split, score=False)
+            result.holdout = self.measured(one_layer(base, cell.layer), cell.coeff, split, score=False)
             result.holdout.pop("on_deltas")
         rng = np.random.default_rng(seed)
         for k in range(n_controls):
-            control = _one_layer(base, cell.layer, rows=norm_matched_random(base.layers[cell.layer], rng))
+            control = one_layer(base, cell.layer, rows=norm_matched_random(base.layers[cell.layer], rng))
             numbers = self.measured(control, cell.coeff, split)
             numbers.pop("on_deltas")
             result.controls.append({"seed": seed, "index": k, "split": split, **numbers})
@@ -809,7 +809,8 @@ class _Run:
         self.save()
 
 
-def _one_layer(base: SteeringVector, layer: int, rows: np.ndarray | None = None) -> SteeringVector:
+def one_layer(base: SteeringVector, layer: int, rows: np.ndarray | None = None) -> SteeringVector:
+    """``base``'s rows at ``layer`` (or ``rows`` in their place) as a front-aligned one-layer vector."""
     return SteeringVector(
         layers={layer: base.layers[layer] if rows is None else rows},
         fingerprint=base.fingerprint,

@@ -1,2 +1,3 @@
 """Stage 4, engine to tokens: the C++ engine attached to a ``llama_cpp.Llama``, steered
-generation, and layers placed on RPC workers."""
+generation (one prompt, or many sequences with their own steering in one continuous
+batch), and layers placed on RPC workers."""

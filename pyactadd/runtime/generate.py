@@ -18,6 +18,7 @@ from pyactadd.errors import InputError
 from pyactadd.native import default_threads, llama_cpp_module
 from pyactadd.prompts.chat import chat_ids, user_turn
 from pyactadd.prompts.tokens import apply_anchor, check_utf8
+from pyactadd.runtime.context_memory import context_memory_problem
 from pyactadd.runtime.steering import Alignment, SteerItem, Steering, check_count, check_type, steer_items
 
 if TYPE_CHECKING:
@@ -62,8 +63,10 @@ def load_llama(
     instead of this process; steering works the same either way.
 
     Raises:
-        InputError: an argument of the wrong type (named), the file is missing, llama.cpp
-            cannot load it, or a worker is not reachable.
+        InputError: an argument of the wrong type (named), the file is missing, a local
+            context whose KV cache would not fit in free memory (checked before llama.cpp
+            allocates it, see :mod:`pyactadd.runtime.context_memory`), llama.cpp cannot
+            load the file, or a worker is not reachable.
     """
     check_type(model_path, (str, os.PathLike), "model_path", "a path to a GGUF model file")
     check_count(n_ctx, "n_ctx", 16)
@@ -74,6 +77,10 @@ def load_llama(
     path = Path(model_path)
     if not path.is_file():
         raise InputError(f"no such model file: {path}")
+    if placement is None:  # with placement the cache lives on the workers
+        problem = context_memory_problem(path, n_ctx, "n_ctx")
+        if problem:
+            raise InputError(f"n_ctx {problem}")
     kwargs = dict(
         model_path=str(path),
         n_ctx=n_ctx,

@@ -40,7 +40,7 @@ import numpy as np
 from pyactadd.errors import EngineError, InputError
 from pyactadd.vector.layers import to_llama_index
 from pyactadd.native import engine_module, llama_cpp_module
-from pyactadd.vector.value import ModelFingerprint, SteeringVector
+from pyactadd.vector.value import ModelFingerprint, SteeringVector, check_coefficient, scaled_rows
 
 Alignment = Union[str, int]
 ALIGNMENTS = ("front", "back", "all")
@@ -156,6 +156,7 @@ class LlamaGuard:
         self._freed = False
         self.closed = False
         self._free_native = llama.close
+        self._before_free: list[Callable[[], None]] = []
         for name, attribute in vars(_llama_class()).items():
             if name.startswith("_") or name in self.PURE or not callable(attribute) or isinstance(attribute, (staticmethod, classmethod)):
                 continue
@@ -197,7 +198,7 @@ class LlamaGuard:
                 self._generating -= generating
                 free = self._take_free()
             if free:
-                self._free_native()
+                self._free()
 
     @contextlib.contextmanager
     def changing(self) -> Iterator[None]:
@@ -218,7 +219,25 @@ class LlamaGuard:
             self.closed = True
             free = self._take_free()
         if free:
-            self._free_native()
+            self._free()
+
+    def on_free(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` just before the native model is freed (a context made on it must go first)."""
+        with self._lock:
+            self._before_free.append(callback)
+
+    def forget_free(self, callback: Callable[[], None]) -> None:
+        """Undo :meth:`on_free` (no-op when ``callback`` is not registered)."""
+        with self._lock:
+            if callback in self._before_free:
+                self._before_free.remove(callback)
+
+    def _free(self) -> None:
+        with self._lock:
+            callbacks, self._before_free = self._before_free, []
+        for callback in callbacks:
+            callback()
+        self._free_native()
 
     def _take_free(self) -> bool:
         # Under the lock: whether this caller is the one to free the native objects.
@@ -323,6 +342,11 @@ class Steering:
         """Whether the Llama has been closed (every method then raises EngineError)."""
         return self._guard.closed
 
+    @property
+    def guard(self) -> LlamaGuard:
+        """The guard in front of the Llama: what else uses its model holds it through this."""
+        return self._guard
+
     def _check_open(self) -> None:
         if self._guard.closed:
             raise EngineError(CLOSED)
@@ -393,8 +417,7 @@ class Steering:
             planned: list[Applied] = []
             for vector, coeff, own in items:
                 vector.check_fits(self.fingerprint)
-                if not np.isfinite(coeff):
-                    raise InputError(f"coefficient must be a finite number, got {coeff}")
+                check_coefficient(coeff)
                 chosen = resolve_alignment(vector, own, override)
                 planned.append(Applied(vector, coeff, chosen, self.first_position(vector, chosen, prompt_length, n_ctx)))
             self._apply(planned, use_llama_cvec)
@@ -463,6 +486,11 @@ class Steering:
     def _apply(self, planned: list[Applied], use_llama_cvec: bool = True) -> None:
         lc = llama_cpp_module()
         n_embd, n_layer = self.fingerprint.n_embd, self.fingerprint.n_layer
+        # Checked before anything is cleared, so an overflow leaves the steering in force as it
+        # was; one layer at a time, so a request's peak stays near the rows it adds.
+        for item in planned:
+            for layer in item.vector.layer_ids:
+                scaled_rows(item.vector.layers[layer], item.coeff, layer)
         self._engine.clear()
         # llama.cpp's control vector covers block outputs 1..n_layer-1; one buffer for all.
         cvec = np.zeros((n_layer - 1, n_embd), dtype=np.float32)
@@ -471,7 +499,7 @@ class Steering:
             for item in planned:
                 for layer in item.vector.layer_ids:
                     il = to_llama_index(layer)
-                    rows = np.ascontiguousarray(item.vector.layers[layer] * np.float32(item.coeff), dtype=np.float32)
+                    rows = np.ascontiguousarray(scaled_rows(item.vector.layers[layer], item.coeff, layer), dtype=np.float32)
                     if item.offset is None and il >= 1 and use_llama_cvec:
                         cvec[il - 1] += rows[0]
                         use_cvec = True

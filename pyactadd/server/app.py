@@ -35,7 +35,8 @@ from pyactadd.errors import ModelMismatchError, PyactaddError
 from pyactadd.server.plan import Prepared, prepare
 from pyactadd.server.registry import RegistryFull, VectorRegistry
 from pyactadd.server.schemas import ApiError, ChatCompletionRequest, CompletionRequest, check_vector_name, param_of
-from pyactadd.server.worker import BackendLost, Event, Job, QueueFull, Worker
+from pyactadd.server.batch_worker import BatchWorker
+from pyactadd.server.worker import BackendLost, Event, Job, QueueFull, QueueWorker, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class ServerConfig:
 
     model_name: str  # the id /v1/models lists and responses carry
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
-    queue_size: int = 8  # requests waiting behind the running one; more get 503
+    queue_size: int = 8  # requests waiting behind the running ones; more get 503
+    parallel: int = 1  # sequences generated together in one continuous batch (1: one request at a time)
     max_body_bytes: int = 1 << 20  # JSON request bodies
     max_upload_bytes: int = 64 << 20  # PUT /v1/steering/vectors/{name}
     # Registered vectors (files and uploads) in all, and their rows' bytes in memory; the
@@ -67,7 +69,8 @@ def create_app(llama, registry: VectorRegistry, config: ServerConfig) -> FastAPI
     """Build the application around a loaded Llama (with a Steering attached) and a vector registry.
 
     The worker thread starts and stops with the application's lifespan; it is
-    ``app.state.worker``.
+    ``app.state.worker``: a :class:`Worker` (one request at a time) or, with
+    ``config.parallel`` above 1, a :class:`BatchWorker`.
     """
     app = FastAPI(
         title="pyactadd",
@@ -77,7 +80,7 @@ def create_app(llama, registry: VectorRegistry, config: ServerConfig) -> FastAPI
         redoc_url=None,
     )
     app.state.llama = llama
-    app.state.worker = Worker(llama, queue_size=config.queue_size, prompt_cache=config.prompt_cache)
+    app.state.worker = make_worker(llama, config)
     app.state.registry = registry
     app.state.config = config
     app.state.created = int(time.time())
@@ -94,9 +97,16 @@ def create_app(llama, registry: VectorRegistry, config: ServerConfig) -> FastAPI
     return app
 
 
+def make_worker(llama, config: ServerConfig) -> QueueWorker:
+    """The worker ``config`` asks for: one request at a time, or ``config.parallel`` in one batch."""
+    if config.parallel > 1:
+        return BatchWorker(llama, parallel=config.parallel, queue_size=config.queue_size, prompt_cache=config.prompt_cache)
+    return Worker(llama, queue_size=config.queue_size, prompt_cache=config.prompt_cache)
+
+
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI):
-    worker: Worker = app.state.worker
+    worker: QueueWorker = app.state.worker
     worker.start()
     try:
         yield
@@ -118,8 +128,9 @@ def _api() -> APIRouter:
 
 
 async def health(request: Request) -> Any:
-    """Liveness and queue state; 503 once the model's backend is lost (an RPC worker died)."""
-    worker: Worker = request.app.state.worker
+    """Liveness and queue state (with ``slots`` and ``slots_busy``); 503 once the model's backend
+    is lost (an RPC worker died)."""
+    worker: QueueWorker = request.app.state.worker
     config: ServerConfig = request.app.state.config
     if worker.lost is not None:
         return JSONResponse(
@@ -239,7 +250,7 @@ async def _next_event(job: Job, request: Request, getter: list) -> Event:
             raise _ClientGone
 
 
-async def _answer(request: Request, worker: Worker, prepared: Prepared, shape: "_Shape"):
+async def _answer(request: Request, worker: QueueWorker, prepared: Prepared, shape: "_Shape"):
     job = Job(prepared, stream=shape.stream, loop=asyncio.get_running_loop())
     try:
         worker.submit(job)

@@ -22,6 +22,7 @@ a running one stops at the next token (a stopping criterion checks the flag).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import math
@@ -95,24 +96,31 @@ class Job:
             pass
 
 
-class Worker:
-    """Serves jobs on one llama_cpp.Llama (with a Steering attached), one at a time."""
+class QueueWorker(abc.ABC):
+    """What every server worker shares: the bounded queue of waiting jobs, submitting,
+    counters, Retry-After, stopping and a lost backend. Subclasses run the thread
+    (``_run``) and say which jobs are running (``_running_jobs``) on ``slots`` sequences."""
 
-    def __init__(self, llama, *, queue_size: int = 8, prompt_cache: bool = False) -> None:
+    slots = 1
+
+    def __init__(self, *, queue_size: int, thread_name: str) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be at least 1")
-        self._llama = llama
-        self._steering = Steering.of(llama)
-        self._prompt_cache = prompt_cache
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self.queue_size = queue_size
-        self._thread = threading.Thread(target=self._run, name="pyactadd-worker", daemon=True)
-        self._key: tuple | None = None  # steering in force; None: unknown, set it afresh
-        self._running: Job | None = None
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
         self._stopping = False
         self.lost: str | None = None  # set by lose_backend(); the model cannot be used again
         self._durations: deque[float] = deque(maxlen=32)
-        self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0, "steering_changes": 0}
+        self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0}
+
+    @abc.abstractmethod
+    def _run(self) -> None:
+        """The worker thread: take jobs from the queue until a None arrives."""
+
+    @abc.abstractmethod
+    def _running_jobs(self) -> list[Job]:
+        """The jobs the model is generating now (read from other threads)."""
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -120,11 +128,10 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Refuse new jobs, fail the queued ones, stop the running one and join the thread."""
+        """Refuse new jobs, fail the queued ones, stop the running ones and join the thread."""
         self._stopping = True
         self._fail_queued(ApiError(503, "the server is shutting down", code="shutting_down"))
-        running = self._running
-        if running is not None:
+        for running in self._running_jobs():
             running.cancel()
         try:
             self._queue.put_nowait(None)
@@ -134,14 +141,13 @@ class Worker:
             self._thread.join(timeout)
 
     def lose_backend(self, reason: str) -> None:
-        """The model's backend is gone (an RPC worker died): fail the running job, then every queued one.
+        """The model's backend is gone (an RPC worker died): fail the running jobs, then every queued one.
 
         Called from ggml's own thread; the worker thread stays blocked inside llama.cpp for
         good, so nothing will touch the model again and new jobs are refused (BackendLost).
         """
         self.lost = reason
-        running = self._running
-        if running is not None:
+        for running in self._running_jobs():
             running.emit(Event("error", error=ApiError(502, f"generation failed: {reason}", code="backend_lost")))
             self.counts["failed"] += 1
         self._fail_queued(ApiError(503, f"the model is unavailable: {reason}", code="backend_lost"))
@@ -177,15 +183,38 @@ class Worker:
 
     @property
     def running(self) -> int:
-        return 1 if self._running is not None else 0
+        return len(self._running_jobs())
 
     def retry_after(self) -> int:
-        """Seconds until a queue slot is likely free (the running job ends): the median job time, 1 to 60."""
+        """Seconds until a queue slot is likely free (a running job ends): the median job time
+        over the slots, 1 to 60."""
         typical = statistics.median(self._durations) if self._durations else 1.0
-        return max(1, min(60, math.ceil(typical)))
+        return max(1, min(60, math.ceil(typical / self.slots)))
 
     def status(self) -> dict[str, Any]:
-        return {"running": self.running, "waiting": self.waiting, "capacity": self.queue_size, **self.counts}
+        """The queue's state for /health: running and waiting jobs, capacity, slots (busy), counters."""
+        running = self.running
+        return {
+            "running": running, "waiting": self.waiting, "capacity": self.queue_size,
+            "slots": self.slots, "slots_busy": running, **self.counts,
+        }
+
+
+class Worker(QueueWorker):
+    """Serves jobs on one llama_cpp.Llama (with a Steering attached), one at a time."""
+
+    def __init__(self, llama, *, queue_size: int = 8, prompt_cache: bool = False) -> None:
+        super().__init__(queue_size=queue_size, thread_name="pyactadd-worker")
+        self._llama = llama
+        self._steering = Steering.of(llama)
+        self._prompt_cache = prompt_cache
+        self._key: tuple | None = None  # steering in force; None: unknown, set it afresh
+        self._running: Job | None = None
+        self.counts["steering_changes"] = 0
+
+    def _running_jobs(self) -> list[Job]:
+        running = self._running
+        return [running] if running is not None else []
 
     # --- the thread ------------------------------------------------------------------
 

@@ -31,13 +31,47 @@ from pyactadd.vector.layers import check_layer
 if TYPE_CHECKING:
     from pyactadd.vector.gguf_file import SteeringFile
 
-__all__ = ["ALIGNMENTS", "SOURCES", "ModelFingerprint", "SteeringVector", "check_finite"]
+__all__ = ["ALIGNMENTS", "SOURCES", "ModelFingerprint", "SteeringVector", "check_coefficient", "check_finite", "scaled_rows"]
 
 ALIGNMENTS = ("front", "back", "all")
 SOURCES = ("pyactadd", "llama.cpp")
 
 _INT32_MAX = 2**31 - 1
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_coefficient(coeff: float) -> None:
+    """Raise :class:`InputError` unless ``coeff`` is finite and within float32's range (steering rows are float32).
+
+    A coefficient beyond float32's range would turn every row into inf; that is named as an
+    overflow of the coefficient, not as a broken vector.
+    """
+    if not math.isfinite(coeff):
+        raise InputError(f"coefficient must be a finite number, got {coeff!r}")
+    if abs(coeff) > _FLOAT32_MAX:
+        raise InputError(
+            f"coefficient {coeff:g} overflows float32 (steering rows are float32, at most {_FLOAT32_MAX:.3g}): "
+            "use a smaller coefficient"
+        )
+
+
+def scaled_rows(rows: np.ndarray, coeff: float, layer: int) -> np.ndarray:
+    """``coeff * rows`` in float32 arithmetic (the rows' own dtype when wider), refused if the product overflows.
+
+    Raises:
+        InputError: ``coeff`` or the product leaves float32's range; the message names the
+            overflow and the largest coefficient these rows take.
+    """
+    check_coefficient(coeff)
+    with np.errstate(over="ignore", invalid="ignore"):
+        product = np.float32(coeff) * rows
+    if np.isfinite(product).all() or not np.isfinite(rows).all():
+        return product  # non-finite input rows are the vector's own fault, reported by check_finite
+    peak = float(np.abs(rows).max())
+    raise InputError(
+        f"coefficient {coeff:g} overflows float32 when it scales the vector at layer {layer} "
+        f"(largest entry {peak:.3g}): use a coefficient of at most {_FLOAT32_MAX / peak:.3g}"
+    )
 
 
 @dataclass(eq=False)
@@ -79,8 +113,7 @@ class SteeringVector:
             raise InputError(f"alignment must be one of {', '.join(ALIGNMENTS)}, got {self.alignment!r}")
         if isinstance(self.coefficient, bool) or not isinstance(self.coefficient, numbers.Real):
             raise InputError(f"coefficient must be a number, got {self.coefficient!r}")
-        if not math.isfinite(self.coefficient) or abs(self.coefficient) > _FLOAT32_MAX:
-            raise InputError(f"coefficient must be a finite float32 number, got {self.coefficient!r}")
+        check_coefficient(self.coefficient)
         self.coefficient = float(np.float32(self.coefficient))
         for name in ("positive", "negative", "model_hint"):
             value = getattr(self, name)
@@ -179,7 +212,7 @@ class SteeringVector:
     def _scaled(self, factor: float) -> SteeringVector:
         return dataclasses.replace(
             self,
-            layers={layer: rows * np.float32(factor) for layer, rows in self.layers.items()},
+            layers={layer: scaled_rows(rows, factor, layer) for layer, rows in self.layers.items()},
             coefficient=self.coefficient * factor,
             extra=dict(self.extra),
         )

@@ -61,6 +61,43 @@ def test_run_compare_prints_side_by_side(love_file):
     assert "unsteered" in result.output and "steered (" in result.output and " | " in result.output
 
 
+def test_run_prompts_file_equals_one_run_per_prompt(workdir, love_file):
+    prompts = ["I hate you because", "The weather today is", "My neighbour is"]
+    (workdir / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    common = ["--steer", f"{love_file}:5", "--compare", "--json", "--max-tokens", "10", "--temperature", "0"]
+    # One sequence per decode is one-at-a-time decoding: the same text as `run`, exactly.
+    one = invoke("run", "--prompts", str(workdir / "prompts.txt"), "--parallel", "1", *common)
+    assert one.exit_code == 0, one.output
+    for prompt, payload in zip(prompts, json.loads(one.stdout)):
+        alone = json.loads(invoke("run", prompt, *common).stdout)
+        assert payload["prompt"] == prompt
+        assert payload["completions"] == alone["completions"]
+        assert payload["prompt_tokens"] == alone["prompt_tokens"]
+    # Batched: the same shape; texts may part where llama.cpp's batched numerics tip a near-tie.
+    many = invoke("run", "--prompts", str(workdir / "prompts.txt"), "--parallel", "6", *common)
+    assert many.exit_code == 0, many.output
+    payloads = json.loads(many.stdout)
+    assert [p["prompt"] for p in payloads] == prompts
+    assert all(p["completions"]["steered"] != p["completions"]["unsteered"] for p in payloads)
+    assert payloads[0]["settings"]["parallel"] == 6
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--prompts", "missing.txt"], "--prompts"),
+        (["I hate you", "--prompts", "PROMPTS"], "not both"),
+        ([], "Missing argument 'PROMPT' (or --prompts FILE)"),
+        (["--prompts", "EMPTY"], "--prompts"),
+    ],
+)
+def test_run_prompts_refusals(workdir, love_file, args, needle):
+    (workdir / "empty.txt").write_text("\n\n", encoding="utf-8")
+    (workdir / "p.txt").write_text("Hello\n", encoding="utf-8")
+    args = [{"PROMPTS": str(workdir / "p.txt"), "EMPTY": str(workdir / "empty.txt")}.get(a, a) for a in args]
+    assert_clean_error(invoke("run", *args, "--steer", str(love_file)), needle)
+
+
 @pytest.mark.parametrize("layer", ["0", "30", "-1"])
 def test_extract_rejects_bad_layer(workdir, layer):
     out = workdir / f"bad-layer{layer}.gguf"

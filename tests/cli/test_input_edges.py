@@ -133,6 +133,36 @@ def test_context_larger_than_memory_is_refused_before_allocation():
     subprocess_error(proc, 2, "--n-ctx", "KV cache", "or less")
 
 
+def test_serve_refuses_a_context_larger_than_memory():
+    from pyactadd.default_model import default_model_path
+    from pyactadd.runtime.context_memory import context_memory_problem
+
+    if context_memory_problem(default_model_path(), 1 << 20) is None:
+        pytest.skip("this machine has room for a 24 GB KV cache")  # serve would start and listen
+    one_error(invoke("serve", "--n-ctx", str(1 << 20), "--port", "0"), 2, "--n-ctx", "KV cache", "or less")
+
+
+def test_extract_refuses_a_prompt_longer_than_any_context(tmp_path):
+    out = tmp_path / "long.gguf"
+    result = invoke("extract", "-p", "love " * 20_000, "-n", "Hate", "-l", "6", "-o", str(out))
+    one_error(result, 1, "the positive prompt is 20001 tokens", "8192 positions", "n_ctx_train", "shorten it to at most 8192")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("coeff", "code", "needles"),
+    [
+        ("1e39", 2, ("--coeff", "coefficient 1e+39 overflows float32", "use a smaller coefficient")),
+        ("1e37", 1, ("coefficient 1e+37 overflows float32 when it scales the vector at layer 6", "use a coefficient of at most")),
+    ],
+)
+def test_extract_names_a_coefficient_overflow(tmp_path, coeff, code, needles):
+    out = tmp_path / "big.gguf"
+    line = one_error(invoke("extract", "-p", "Love", "-n", "Hate", "-l", "6", "-c", coeff, "-o", str(out)), code, *needles)
+    assert "re-extract" not in line
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_json_reports_the_context_llama_cpp_made(vector_file):
     import json
 
@@ -180,7 +210,7 @@ def test_convert_onto_a_full_disk(vector_file, full_disk):
 
 @pytest.mark.parametrize(
     ("args", "needle"),
-    [(["run"], "Missing argument 'PROMPT' (see: main run --help)"), (["run", "x", "--bogus"], "No such option"),
+    [(["run"], "Missing argument 'PROMPT' (or --prompts FILE) (see: main run --help)"), (["run", "x", "--bogus"], "No such option"),
      (["nocmd"], "No such command"), (["sweep"], "give --positive and --negative")],
 )
 def test_usage_errors_are_one_line(args, needle):
@@ -189,4 +219,4 @@ def test_usage_errors_are_one_line(args, needle):
 
 def test_usage_error_from_the_real_command_line():
     proc = run_cli("run")
-    subprocess_error(proc, 2, "Missing argument 'PROMPT' (see: pyactadd run --help)")
+    subprocess_error(proc, 2, "Missing argument 'PROMPT' (or --prompts FILE) (see: pyactadd run --help)")

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -52,6 +53,44 @@ def test_interrupt_while_starting_and_loading(delay):
     assert_interrupted(proc)
 
 
+def _marked_start(*args: str) -> tuple[subprocess.Popen, threading.Event, threading.Thread, list[str]]:
+    """Start ``pyactadd ARGS`` with Python's import-time lines on stderr; the event is set at the
+    first line of ``signal`` or ``click``: the first modules pyactadd.cli imports, after it put
+    its own SIGINT handler in. Earlier there is only Python itself: the interpreter, site and
+    its .pth files, and finding the package."""
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    proc = subprocess.Popen([str(PYACTADD), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    marked, lines = threading.Event(), []
+
+    def read() -> None:
+        for raw in proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            lines.append(line)
+            if line.endswith((" signal", " click")):
+                marked.set()
+        marked.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return proc, marked, reader, lines
+
+
+@pytest.mark.parametrize("delay_ms", [0, 1, 3, 10, 30, 60, 100])
+def test_interrupt_in_the_first_tenth_of_a_second(delay_ms):
+    # From the commands' imports through the moment between importing them and main() (where
+    # Python's own handler used to be back, printing a KeyboardInterrupt traceback).
+    proc, marked, reader, lines = _marked_start("run", "Once upon a time", "--max-tokens", "2000")
+    assert marked.wait(60)
+    time.sleep(delay_ms / 1000)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(60)
+    reader.join(10)
+    said = [line for line in lines if line.strip() and not line.startswith("import time:")]
+    assert "Traceback" not in "\n".join(said), "\n".join(said)
+    assert proc.returncode == 130, said
+    assert said == ["Interrupted."], said
+
+
 # The console script's own code, with SIGINT sent while a given module is being imported.
 _ENTRY = textwrap.dedent(
     """
@@ -77,6 +116,21 @@ _ENTRY = textwrap.dedent(
 @pytest.mark.parametrize("module", ["click", "numpy", "pyactadd.runtime.steering"])
 def test_interrupt_during_imports(module):
     proc = subprocess.Popen([sys.executable, "-c", _ENTRY, module], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert_interrupted(proc)
+
+
+def test_interrupt_between_import_and_main():
+    # What the console script does, with SIGINT exactly between its import and its main() call.
+    code = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.argv = [{str(PYACTADD)!r}, "run", "Hello"]
+        from pyactadd.cli import main
+        os.kill(os.getpid(), signal.SIGINT)
+        sys.exit(main())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert_interrupted(proc)
 
 

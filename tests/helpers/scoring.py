@@ -28,3 +28,35 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def next_token_logprobs(llama, ids: Sequence[int]) -> np.ndarray:
     """Log-probabilities of every vocabulary token following ``ids``."""
     return log_softmax(next_token_logits(llama, ids))
+
+
+# llama.cpp's batched arithmetic is not bit-identical to one-sequence decoding (other rows in
+# the matrix kernels, other KV cells): on the default model a batched row's logits differ from
+# the solo ones by up to ~1.5 (measured over prompts of 4-20 tokens), so a batched greedy token
+# may be the solo runner-up where two logits are close. Measured teacher-forced gaps of
+# batched tokens under their own steering: 0.0-0.09; under the opposite steering: 6-11.
+SOLO_TOLERANCE = 0.75
+
+
+def solo_gap(llama, ids: Sequence[int], steering_items, tokens: Sequence[int]) -> float:
+    """Teacher-forcing ``tokens`` after ``ids`` alone under ``steering_items``: the largest amount
+    by which a token's logit falls short of the best one (0 when each is the solo argmax)."""
+    from pyactadd.runtime.steering import Steering
+
+    lc = llama_cpp_module()
+    steering = Steering.of(llama)
+    if steering_items:
+        steering.set(list(steering_items), prompt_length=len(ids))
+    else:
+        steering.clear()
+    try:
+        llama.reset()
+        llama.eval(list(ids))
+        worst = 0.0
+        for token in tokens:
+            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(llama.ctx, -1), shape=(llama.n_vocab(),))
+            worst = max(worst, float(logits.max() - logits[token]))
+            llama.eval([token])
+        return worst
+    finally:
+        steering.clear()

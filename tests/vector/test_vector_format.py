@@ -290,6 +290,19 @@ def test_scaling_returns_new_vectors_and_updates_coefficient() -> None:
         vector * "2"
 
 
+def test_scaling_past_float32_is_named_as_an_overflow() -> None:
+    vector = make_vector()
+    peak = max(float(np.abs(rows).max()) for rows in vector.layers.values())
+    with pytest.raises(InputError, match=r"coefficient 1e\+39 overflows float32 .*use a smaller coefficient"):
+        vector * 1e39
+    factor = 2 * 3.4e38 / peak  # within float32 itself, but not once multiplied into the rows
+    with pytest.raises(InputError, match=r"overflows float32 when it scales the vector at layer 3 .*use a coefficient of at most"):
+        vector * factor
+    with pytest.raises(InputError, match="coefficient must be a finite number"):
+        vector * math.inf
+    assert np.isfinite((vector * (0.5 * 3.4e38 / peak)).layers[3]).all()
+
+
 def test_adding_unions_layers_and_zero_pads_at_the_end() -> None:
     short = make_vector(2, layers=(3,), seed=1, positive="a")
     long = make_vector(4, layers=(3, 7), seed=2, positive="b")

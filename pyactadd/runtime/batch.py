@@ -299,6 +299,8 @@ class Batcher:
     def cancel(self, handle: Handle) -> None:
         """Drop ``handle``: a waiting request never starts, a running one frees its sequence now."""
         handle.cancelled = True
+        if self._ctx is None:  # closed: its sequences are gone already
+            return
         for slot in self._slots:
             if slot.handle is handle:
                 self._release(slot, keep_cache=self.prefix_reuse)
@@ -312,16 +314,20 @@ class Batcher:
             EngineError: the batcher or its Llama is closed.
         """
         self._check_usable()
-        self._admit()
-        fed = self._fill_batch()
-        if not fed:
-            return []
-        self._decode(fed)
-        events: list[Event] = []
-        for slot, _, index in fed:
-            if index is not None and slot.handle is not None:
-                self._advance(slot, slot.sampler.sample(self._ctx, index), events)
-        return events
+        # One use of the Llama for the whole step: a close() meanwhile frees the model (and
+        # this batcher's context) only after the sampling below has read its logits.
+        with self._guard.using("batch"):
+            self._check_usable()
+            self._admit()
+            fed = self._fill_batch()
+            if not fed:
+                return []
+            self._decode(fed)
+            events: list[Event] = []
+            for slot, _, index in fed:
+                if index is not None and slot.handle is not None:
+                    self._advance(slot, slot.sampler.sample(self._ctx, index), events)
+            return events
 
     def _admit(self) -> None:
         while self._queue:
@@ -399,8 +405,7 @@ class Batcher:
     def _decode(self, fed: list[tuple[Slot, list[int], int | None]]) -> None:
         try:
             self._engine.declare_batch(ctypes.addressof(self._batch))
-            with self._guard.using("batch"):
-                rc = self._lc.llama_decode(self._ctx, self._batch)
+            rc = self._lc.llama_decode(self._ctx, self._batch)
             failure = self._failure(rc)
         except ValueError as exc:
             failure = f"steering engine: {exc}"

@@ -197,3 +197,41 @@ def test_stop_helpers():
     assert held_back("hello wor", ["world"]) == 3
     assert held_back("hello", ["xyz"]) == 0
     assert np.isclose(held_back("ab", ["abc", "b"]), 2)
+
+
+def test_close_from_another_thread_during_a_batch_is_safe():
+    from helpers.misuse import run_alive
+
+    prelude = """
+import threading
+from pyactadd.default_model import default_model_path
+from pyactadd.errors import EngineError
+from pyactadd.runtime.batch import Request, generate_batch
+from pyactadd.runtime.generate import Sampling, load_llama, prompt_tokens
+llm = load_llama(default_model_path(), n_ctx=256, n_threads=1)
+ids = prompt_tokens(llm, "Once upon a time")
+requests = [Request(ids, (), Sampling(max_tokens=200, temperature=0.8, seed=i)) for i in range(4)]
+started, out = threading.Event(), {}
+
+def generating():
+    try:
+        generate_batch(llm, requests, parallel=4, progress=None)
+        out["finished"] = True
+    except EngineError as exc:
+        out["error"] = str(exc)
+    finally:
+        started.set()
+"""
+    body = """
+    worker = threading.Thread(target=generating)
+    worker.start()
+    import time; time.sleep(1.0)
+    llm.close()
+    worker.join()
+    print("generation stopped:", out.get("error"))
+    try:
+        generate_batch(llm, requests)
+    except EngineError as exc:
+        print("after close:", exc)
+    """
+    run_alive(prelude, body, ["generation stopped: this", "after close: this Llama is closed"])

@@ -137,7 +137,7 @@ def write_vectors(folder: Path, model: str | None, all_pairs: bool) -> None:
     from pyactadd.extract.pipeline import extract
 
     for positive, negative in PAIRS if all_pairs else PAIRS[:1]:
-        vector = extract(positive, negative, [6], model=model)
+        vector = extract(positive, negative, [6], model=model, backend="llama" if model else "torch")
         vector.save(folder / f"{positive.lower()}.gguf")
         if all_pairs:
             (vector * -1.0).save(folder / f"anti_{positive.lower()}.gguf")

@@ -27,7 +27,7 @@ from pyactadd.errors import InputError, ModelMismatchError
 from pyactadd.runtime.batch import Batcher, BatchFailed, Handle, Request
 from pyactadd.server.plan import Prepared
 from pyactadd.server.schemas import ApiError
-from pyactadd.server.worker import Event, Job, QueueWorker
+from pyactadd.server.worker import Event, Job, QueueWorker, usage
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +43,6 @@ def batch_request(prepared: Prepared) -> Request:
         stop=tuple(prepared.stop or ()),
         penalties=dict(prepared.penalties),
     )
-
-
-def usage(n_prompt: int, n_completion: int) -> dict[str, int]:
-    """OpenAI's usage counts."""
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
 
 
 class BatchWorker(QueueWorker):

@@ -53,6 +53,11 @@ class Event:
     error: ApiError | None = None
 
 
+def usage(n_prompt: int, n_completion: int) -> dict[str, int]:
+    """OpenAI's usage counts."""
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
+
+
 class BackendLost(Exception):
     """The model's backend is gone for good (an RPC worker died mid-graph); ``reason`` says why."""
 
@@ -314,4 +319,4 @@ class Worker(QueueWorker):
         # Streaming chunks do not carry token counts: count the text's tokens.
         completion = len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)) if text else 0
         n_prompt = len(prepared.ids)
-        return text, finish_reason, {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion}
+        return text, finish_reason, usage(n_prompt, completion)

@@ -39,6 +39,7 @@ import numpy as np
 from pyactadd.errors import EngineError, InputError
 from pyactadd.files import atomic_write, remove_stale_temps, sigint_held
 from pyactadd.native import default_threads, llama_cpp_module
+from pyactadd.runtime.logits import logsumexp_rows
 from pyactadd.runtime.steering import CLOSED
 
 DEFAULT_N_CTX = 1024
@@ -52,10 +53,6 @@ F32_COPY_MAX_FILE_BYTES = 512 * 1024 * 1024
 """``compute="auto"`` expands a quantized model to float32 only up to this file size (about 4 GB as float32)."""
 
 _UNQUANTIZED_FILE_TYPES = frozenset({0, 1, 32})  # general.file_type: all F32, mostly F16, mostly BF16
-
-_LSE_ROWS = 32
-"""Rows of logits per log-sum-exp block: small enough for a block to stay in the CPU cache (docs/performance.md)."""
-
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -91,22 +88,6 @@ class Perplexity:
             "n_tokens": self.n_tokens,
             "n_sentences": self.n_sentences,
         }
-
-
-def logsumexp_rows(logits: np.ndarray) -> np.ndarray:
-    """``log(sum(exp(row)))`` of every row of a float32 ``[n, n_vocab]`` array, as float64."""
-    n = logits.shape[0]
-    out = np.empty(n, dtype=np.float64)
-    buffer = np.empty((min(n, _LSE_ROWS), logits.shape[1]), dtype=np.float32)
-    for start in range(0, n, _LSE_ROWS):
-        block = logits[start : start + _LSE_ROWS]
-        k = block.shape[0]
-        peak = block.max(axis=1)
-        work = buffer[:k]
-        np.subtract(block, peak[:, None], out=work)
-        np.exp(work, out=work)
-        out[start : start + k] = np.log(work.sum(axis=1, dtype=np.float64)) + peak
-    return out
 
 
 def float32_copy(model_path: str | os.PathLike[str]) -> Path:
@@ -211,6 +192,71 @@ class _Batch:
     n_tokens: int
     n_outputs: int
     members: list[tuple[int, np.ndarray]]  # (sequence index, its output rows in the logits, in position order)
+
+
+class _PrefixTree:
+    """The tokens of one decode: each distinct prefix once, a member of every sequence that starts with it."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.positions: list[int] = []
+        self.members: list[list[int]] = []  # the sequence slots of each row
+        self._children: dict[tuple[int, int], int] = {}  # (parent row or -1, token) -> row
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def new_tokens(self, ids: Sequence[int], n: int) -> int:
+        """How many of the first ``n`` tokens of ``ids`` are not in the tree yet."""
+        row = -1
+        for p in range(n):
+            row = self._children.get((row, int(ids[p])), None)
+            if row is None:
+                return n - p
+        return 0
+
+    def add(self, slot: int, ids: Sequence[int], n: int) -> list[int]:
+        """Put the first ``n`` tokens of ``ids`` in the tree as sequence ``slot``; the row of each position."""
+        path, row = [], -1
+        for p in range(n):
+            key = (row, int(ids[p]))
+            row = self._children.get(key, -1)
+            if row < 0:
+                row = len(self.tokens)
+                self._children[key] = row
+                self.tokens.append(key[1])
+                self.positions.append(p)
+                self.members.append([])
+            self.members[row].append(slot)
+            path.append(row)
+        return path
+
+
+def _prefix_batch(tree: _PrefixTree, members: list[tuple[int, list[int]]], wanted: list[list[int]]) -> _Batch:
+    """The ``llama_batch`` of one tree, with logits at each member's wanted positions."""
+    lc = llama_cpp_module()
+    n_tokens = tree.n_tokens
+    raw = lc.llama_batch_init(n_tokens, 0, max(len(m) for m in tree.members))
+    try:
+        np.ctypeslib.as_array(raw.token, shape=(n_tokens,))[:] = tree.tokens
+        np.ctypeslib.as_array(raw.pos, shape=(n_tokens,))[:] = tree.positions
+        np.ctypeslib.as_array(raw.n_seq_id, shape=(n_tokens,))[:] = [len(m) for m in tree.members]
+        for row, slots in enumerate(tree.members):
+            for k, slot in enumerate(slots):
+                raw.seq_id[row][k] = slot
+        wanted_rows = [(index, np.asarray([path[p] for p in wanted[index]], dtype=np.int64)) for index, path in members]
+        flags = np.zeros(n_tokens, dtype=np.int8)
+        for _, at in wanted_rows:
+            flags[at] = 1
+        np.ctypeslib.as_array(raw.logits, shape=(n_tokens,))[:] = flags
+        output_row = np.cumsum(flags, dtype=np.int64) - 1
+        rows = [(index, output_row[at]) for index, at in wanted_rows]
+        raw.n_tokens = n_tokens
+        return _Batch(raw=raw, n_tokens=n_tokens, n_outputs=int(flags.sum()), members=rows)
+    except BaseException:
+        lc.llama_batch_free(raw)
+        raise
 
 
 def _free_batches(raws: list) -> None:
@@ -357,9 +403,10 @@ class BatchScorer:
 
         * with the default outputs the last token is not decoded: nothing reads its logits
           or its KV cell;
-        * when every sequence of a decode starts with the same token (the anchor), that
-          token is decoded once, as a member of all their sequences (llama.cpp's shared
-          prefix), and its logits row serves all of them.
+        * a prefix that several sequences of a decode start with (the anchor, an opening
+          scored with several completions) is decoded once, as a member of all their
+          sequences (llama.cpp's shared KV cells), and its logits rows serve all of them.
+          Sequences are packed in order, so give those that share a prefix together.
         """
         if outputs is None:
             lengths = [len(ids) - 1 for ids in sequences]
@@ -378,70 +425,24 @@ class BatchScorer:
             if positions and not 0 <= positions[0] <= positions[-1] < lengths[index]:
                 raise InputError(f"output positions of sequence {index} are outside 0..{lengths[index] - 1}")
             wanted.append(positions)
-        groups: list[list[int]] = []
-        used = 0
+        groups: list[tuple[_PrefixTree, list[tuple[int, list[int]]]]] = []
         for index in range(len(sequences)):
-            n = lengths[index]
+            n, ids = lengths[index], sequences[index]
             if n == 0:
                 continue  # a lone token predicts nothing
-            if not groups or used + n > self.batch_tokens or len(groups[-1]) >= self.n_seq_max:
-                groups.append([])
-                used = 0
-            groups[-1].append(index)
-            used += n
+            tree = groups[-1][0] if groups else None
+            if tree is None or len(groups[-1][1]) >= self.n_seq_max or tree.n_tokens + tree.new_tokens(ids, n) > self.batch_tokens:
+                tree = _PrefixTree()
+                groups.append((tree, []))
+            groups[-1][1].append((index, tree.add(len(groups[-1][1]), ids, n)))
         batches = []
         try:
-            for group in groups:
-                batches.append(self._batch(group, sequences, lengths, wanted))
+            for tree, members in groups:
+                batches.append(_prefix_batch(tree, members, wanted))
         except BaseException:
             _free_batches([b.raw for b in batches])
             raise
         return Plan(batches, len(sequences))
-
-    def _batch(self, group: list[int], sequences, lengths: list[int], wanted: list[list[int]]) -> _Batch:
-        lc = llama_cpp_module()
-        shared = len(group) > 1 and len({sequences[i][0] for i in group}) == 1
-        n_tokens = sum(lengths[i] for i in group) - (len(group) - 1 if shared else 0)
-        raw = lc.llama_batch_init(n_tokens, 0, len(group) if shared else 1)
-        batch = _Batch(raw=raw, n_tokens=n_tokens, n_outputs=0, members=[])
-        token = np.ctypeslib.as_array(raw.token, shape=(n_tokens,))
-        pos = np.ctypeslib.as_array(raw.pos, shape=(n_tokens,))
-        n_seq_id = np.ctypeslib.as_array(raw.n_seq_id, shape=(n_tokens,))
-        logits = np.ctypeslib.as_array(raw.logits, shape=(n_tokens,))
-        n_seq_id[:] = 1
-        logits[:] = 0
-        row = 0
-        shared_row = None
-        if shared:
-            token[0] = sequences[group[0]][0]
-            pos[0] = 0
-            n_seq_id[0] = len(group)
-            for slot in range(len(group)):
-                raw.seq_id[0][slot] = slot
-            if any(wanted[i][:1] == [0] for i in group):
-                logits[0] = 1
-                shared_row = 0
-                batch.n_outputs = 1
-            row = 1
-        for slot, index in enumerate(group):
-            first = 1 if shared else 0
-            n = lengths[index] - first
-            token[row : row + n] = np.asarray(sequences[index][first : lengths[index]], dtype=np.int32)
-            pos[row : row + n] = np.arange(first, first + n, dtype=np.int32)
-            for k in range(n):
-                raw.seq_id[row + k][0] = slot
-            rows = []
-            for p in wanted[index]:
-                if p < first:
-                    rows.append(shared_row)
-                else:
-                    logits[row + p - first] = 1
-                    rows.append(batch.n_outputs)
-                    batch.n_outputs += 1
-            batch.members.append((index, np.asarray(rows, dtype=np.int64)))
-            row += n
-        raw.n_tokens = n_tokens
-        return batch
 
     def run(self, plan: Plan) -> Iterator[tuple[_Batch, np.ndarray]]:
         """Decode each batch of ``plan`` under the steering in force; yield it with its logits.

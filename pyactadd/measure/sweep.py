@@ -41,7 +41,8 @@ from pyactadd.errors import InputError
 from pyactadd.files import atomic_write_text
 from pyactadd.native import llama_cpp_module
 from pyactadd.vector.layers import MAX_LAYER, check_layer
-from pyactadd.measure.perplexity import BatchScorer, Perplexity, Plan, logsumexp_rows
+from pyactadd.measure.perplexity import BatchScorer, Perplexity, Plan
+from pyactadd.runtime.logits import logsumexp_rows
 from pyactadd.vector.value import SteeringVector
 
 DEFAULT_COEFFS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)

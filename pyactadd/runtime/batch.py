@@ -10,7 +10,10 @@ sequence with its own sampler chain. Requests join between steps and leave when 
 
 Prefix reuse: a slot keeps its last sequence in the KV cache; a new request whose
 steering equals that sequence's (same vectors, coefficients and first positions) and whose
-prompt starts the same way re-evaluates only the rest.
+prompt starts the same way re-evaluates only the rest. Requests that run at the same time
+share too: one whose prompt starts as a running sequence's (same steering) waits for that
+sequence's prompt cells and shares them (``llama_memory_seq_cp``), so ``n`` samples of one
+prompt evaluate it once.
 
 :func:`generate_batch` is the one-call form: every request, completions in order.
 """
@@ -31,6 +34,7 @@ from pyactadd.errors import EngineError, InputError
 from pyactadd.native import engine_module, llama_cpp_module
 from pyactadd.runtime.context_memory import context_memory_problem
 from pyactadd.runtime.generate import Sampling, common_anchor, prompt_tokens
+from pyactadd.runtime.logits import token_logprob
 from pyactadd.runtime.sampler import SequenceSampler
 from pyactadd.runtime.steering import (
     Alignment,
@@ -62,7 +66,9 @@ class Request:
     ``steering`` takes what :meth:`Steering.set` takes (``(vector, coeff)`` or
     ``(vector, coeff, align)`` items; empty: unsteered); ``align`` overrides every item's.
     ``penalties`` may hold ``frequency_penalty`` and ``presence_penalty`` (OpenAI's, over the
-    last 64 tokens, as llama-cpp-python applies them).
+    last 64 tokens, as llama-cpp-python applies them). ``logprobs`` records each generated
+    token's log-probability under the model's own distribution (the logits it was drawn
+    from, before penalties, temperature or truncation) in :attr:`Completion.logprobs`.
     """
 
     ids: Sequence[int]
@@ -71,6 +77,7 @@ class Request:
     stop: Sequence[str] = ()
     align: Alignment | None = None
     penalties: Mapping[str, float] = field(default_factory=dict)
+    logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ class Completion:
     finish_reason: str
     n_prompt: int
     n_reused: int = 0  # prompt tokens taken from the KV cache instead of evaluated
+    logprobs: tuple[float, ...] | None = None  # one per token, when the request asked for them
 
 
 @dataclass
@@ -103,6 +111,7 @@ class Handle:
         self.placed = placed
         self.key = key
         self.tokens: list[int] = []
+        self.logprobs: list[float] = []
         self.text = ""
         self.emitted = 0  # characters of text already handed out as pieces
         self.completion: Completion | None = None
@@ -133,6 +142,7 @@ class Slot:
         self.tensor_ids: list[int] = []
         self.next_token: int | None = None
         self.cached_request: Request | None = None  # keeps the vectors its key names alive
+        self.donor: Slot | None = None  # a running sequence whose prompt cells this one will share
 
 
 class BatchFailed(EngineError):
@@ -252,6 +262,7 @@ class Batcher:
         check_type(request.stop, (list, tuple), "request.stop", "a list of strings")
         for stop in request.stop:
             check_type(stop, str, "request.stop", "a list of strings")
+        check_type(request.logprobs, bool, "request.logprobs", "True or False")
         check_type(request.penalties, Mapping, "request.penalties", "a mapping")
         for name, value in request.penalties.items():
             if name not in PENALTIES:
@@ -326,7 +337,9 @@ class Batcher:
             events: list[Event] = []
             for slot, _, index in fed:
                 if index is not None and slot.handle is not None:
-                    self._advance(slot, slot.sampler.sample(self._ctx, index), events)
+                    token = slot.sampler.sample(self._ctx, index)
+                    logprob = self._logprob(index, token) if slot.handle.request.logprobs else None
+                    self._advance(slot, token, events, logprob)
             return events
 
     def _admit(self) -> None:
@@ -339,20 +352,49 @@ class Batcher:
                 self._occupy(*self._choose(free, handle), handle)
 
     def _choose(self, free: list[Slot], handle: Handle) -> tuple[Slot, int]:
-        # The free sequence whose cached tokens, made under the same steering, share the
-        # longest prefix with this prompt; else the one with the least cached (least lost).
-        def reusable(slot: Slot) -> int:
-            if not self.prefix_reuse or slot.cached_key != handle.key:
-                return 0
-            n = 0
-            for a, b in zip(slot.cached, handle.ids):
-                if a != b:
-                    break
-                n += 1
-            return min(n, len(handle.ids) - 1)  # the last prompt token is evaluated for its logits
+        # The free sequence whose cached tokens share the longest prefix with this prompt;
+        # else the one with the least cached (least lost).
+        best = max(free, key=lambda slot: (self._shared(slot, handle), -len(slot.cached)))
+        return best, self._shared(best, handle)
 
-        best = max(free, key=lambda slot: (reusable(slot), -len(slot.cached)))
-        return best, reusable(best)
+    def _shared(self, slot: Slot, handle: Handle, *, upcoming: bool = False) -> int:
+        # Prompt tokens of handle whose KV cells slot holds, made under the same steering;
+        # with upcoming, also those its pending prompt will hold after it is evaluated.
+        if not self.prefix_reuse or slot.cached_key != handle.key:
+            return 0
+        known = slot.cached + slot.pending if upcoming else slot.cached
+        n = 0
+        for a, b in zip(known, handle.ids):
+            if a != b:
+                break
+            n += 1
+        return min(n, len(handle.ids) - 1)  # the last prompt token is evaluated for its logits
+
+    def _find_donor(self, slot: Slot) -> None:
+        # A running sequence under the same steering whose prompt starts as this one's, for
+        # longer than this slot's own cache: this one waits for those cells and shares them
+        # (llama_memory_seq_cp) instead of evaluating them again, so n samples of one
+        # prompt evaluate it once.
+        others = [s for s in self._slots if s.handle is not None and s is not slot and s.donor is None]
+        donor = max(others, key=lambda s: self._shared(s, slot.handle, upcoming=True), default=None)
+        if donor is not None and self._shared(donor, slot.handle, upcoming=True) > slot.n_past:
+            slot.donor = donor
+
+    def _take_shared(self) -> None:
+        for slot in self._slots:
+            donor = slot.donor
+            if donor is None or (donor.pending and self._shared(donor, slot.handle, upcoming=True) > slot.n_past):
+                continue  # nothing to wait for, or the donor's prompt is still to be evaluated
+            slot.donor = None
+            n = self._shared(donor, slot.handle)
+            if n <= slot.n_past:
+                continue  # the donor went another way: evaluate alone
+            memory = self._lc.llama_get_memory(self._ctx)
+            self._lc.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+            self._lc.llama_memory_seq_cp(memory, donor.seq_id, slot.seq_id, 0, n)
+            ids = slot.handle.ids
+            slot.cached, slot.n_past, slot.pending = ids[:n], n, ids[n:]
+            slot.handle.n_reused = n
 
     def _occupy(self, slot: Slot, n_keep: int, handle: Handle) -> None:
         memory = self._lc.llama_get_memory(self._ctx)
@@ -374,6 +416,7 @@ class Batcher:
         except ValueError as exc:  # validated in start(); the engine's own check disagreeing is a bug
             self._release(slot, keep_cache=False)
             raise EngineError(f"steering engine refused a vector: {exc}") from None
+        self._find_donor(slot)
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         batch = self._batch
@@ -384,6 +427,7 @@ class Batcher:
     def _fill_batch(self) -> list[tuple[Slot, list[int], int | None]]:
         # One token of every generating sequence first, so a long prompt never stalls
         # them; then prompt chunks fill the rest of the batch.
+        self._take_shared()
         fed: list[tuple[Slot, list[int], int | None]] = []
         n = 0
         for slot in self._slots:
@@ -392,7 +436,7 @@ class Batcher:
                 fed.append((slot, [slot.next_token], n))
                 n += 1
         for slot in self._slots:
-            if slot.handle is not None and slot.pending and n < self.n_batch:
+            if slot.handle is not None and slot.pending and slot.donor is None and n < self.n_batch:
                 chunk = slot.pending[: self.n_batch - n]
                 last = len(chunk) == len(slot.pending)
                 for i, token in enumerate(chunk):
@@ -434,11 +478,17 @@ class Batcher:
             return f"llama_decode returned {rc}"
         return None
 
-    def _advance(self, slot: Slot, token: int, events: list[Event]) -> None:
+    def _logprob(self, index: int, token: int) -> float:
+        row = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._ctx, index), shape=(self.fingerprint.n_vocab,))
+        return token_logprob(row, token)
+
+    def _advance(self, slot: Slot, token: int, events: list[Event], logprob: float | None = None) -> None:
         handle = slot.handle
         if self._lc.llama_vocab_is_eog(self._vocab, token):
             return self._finish(slot, "stop", events)
         handle.tokens.append(token)
+        if logprob is not None:
+            handle.logprobs.append(logprob)
         text = self._llama.detokenize(handle.tokens, prev_tokens=handle.ids).decode("utf-8", errors="ignore")
         cut = first_stop(text, handle.request.stop)
         handle.text = text if cut is None else text[:cut]
@@ -454,7 +504,8 @@ class Batcher:
 
     def _finish(self, slot: Slot, reason: str, events: list[Event]) -> None:
         handle = slot.handle
-        handle.completion = Completion(handle.text, tuple(handle.tokens), reason, len(handle.ids), handle.n_reused)
+        logprobs = tuple(handle.logprobs) if handle.request.logprobs else None
+        handle.completion = Completion(handle.text, tuple(handle.tokens), reason, len(handle.ids), handle.n_reused, logprobs)
         events.append(Event(handle, handle.text[handle.emitted:], handle.completion))
         handle.emitted = len(handle.text)
         self._release(slot, keep_cache=self.prefix_reuse)
@@ -465,7 +516,7 @@ class Batcher:
         slot.tensor_ids = []
         if slot.sampler is not None:
             slot.sampler.close()
-        slot.sampler, slot.handle, slot.next_token, slot.pending = None, None, None, []
+        slot.sampler, slot.handle, slot.next_token, slot.pending, slot.donor = None, None, None, [], None
         if not keep_cache:
             if touch_cache:
                 self._lc.llama_memory_seq_rm(self._lc.llama_get_memory(self._ctx), slot.seq_id, -1, -1)

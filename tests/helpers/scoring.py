@@ -38,9 +38,9 @@ def next_token_logprobs(llama, ids: Sequence[int]) -> np.ndarray:
 SOLO_TOLERANCE = 0.75
 
 
-def solo_gap(llama, ids: Sequence[int], steering_items, tokens: Sequence[int]) -> float:
-    """Teacher-forcing ``tokens`` after ``ids`` alone under ``steering_items``: the largest amount
-    by which a token's logit falls short of the best one (0 when each is the solo argmax)."""
+def solo_rows(llama, ids: Sequence[int], steering_items, tokens: Sequence[int]) -> np.ndarray:
+    """Teacher-forcing ``tokens`` after ``ids`` alone under ``steering_items`` (llama-cpp-python's
+    own one-token path): the logits row before each token, ``[len(tokens), n_vocab]`` float64."""
     from pyactadd.runtime.steering import Steering
 
     lc = llama_cpp_module()
@@ -52,11 +52,25 @@ def solo_gap(llama, ids: Sequence[int], steering_items, tokens: Sequence[int]) -
     try:
         llama.reset()
         llama.eval(list(ids))
-        worst = 0.0
-        for token in tokens:
-            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(llama.ctx, -1), shape=(llama.n_vocab(),))
-            worst = max(worst, float(logits.max() - logits[token]))
+        rows = np.empty((len(tokens), llama.n_vocab()))
+        for k, token in enumerate(tokens):
+            rows[k] = np.ctypeslib.as_array(lc.llama_get_logits_ith(llama.ctx, -1), shape=(llama.n_vocab(),))
             llama.eval([token])
-        return worst
+        return rows
     finally:
         steering.clear()
+
+
+def solo_gap(llama, ids: Sequence[int], steering_items, tokens: Sequence[int]) -> float:
+    """The largest amount by which a token's solo logit (:func:`solo_rows`) falls short of the best one
+    (0 when each is the solo argmax)."""
+    rows = solo_rows(llama, ids, steering_items, tokens)
+    if not len(tokens):
+        return 0.0
+    return float((rows.max(axis=1) - rows[np.arange(len(tokens)), list(tokens)]).max())
+
+
+def solo_logprobs(llama, ids: Sequence[int], steering_items, tokens: Sequence[int]) -> np.ndarray:
+    """Log-probability of each of ``tokens`` after ``ids`` alone under ``steering_items``."""
+    rows = log_softmax(solo_rows(llama, ids, steering_items, tokens))
+    return rows[np.arange(len(tokens)), list(tokens)]

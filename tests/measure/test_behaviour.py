@@ -28,7 +28,7 @@ from pyactadd.measure.perplexity import BatchScorer
 from pyactadd.measure.scoring import make_task
 from pyactadd.measure.sweep import norm_matched_random, one_layer
 from pyactadd.prompts.files import read_sentences
-from pyactadd.runtime.generate import Sampling, load_llama
+from pyactadd.runtime.generate import Sampling, load_llama, prompt_tokens
 
 N_OPENINGS, N_PER, TOKENS = 8, 2, 16
 WEDDING_LAYER, WEDDING_COEFF = 16, 4.0  # measured: about 0.7 of completions name a wedding word there, none unsteered
@@ -105,6 +105,37 @@ def test_strong_vector_moves_success_and_random_control_does_not(topic_run):
     for s in summaries.values():
         assert s["success"]["low"] <= s["success"]["value"] <= s["success"]["high"]
         assert s["disfluency"]["n"] > 0 and s["disfluency"]["mean"]["value"] > 1.0
+
+
+def test_unsteered_disfluency_read_while_generating_agrees_with_a_scoring_pass(llama, scorer, topic_run):
+    # Measured over 200 completions of 32 tokens: mean ratio 0.999, each within 0.97-1.03.
+    sources = {c.name: c.disfluency_source for c in topic_run.conditions}
+    assert sources == {UNSTEERED: "generation", PROMPTED: "scoring", STEERED: "scoring", "random control": "scoring"}
+    unsteered = topic_run.condition(UNSTEERED)
+    ids = [prompt_tokens(llama, o, anchor_id=topic_run.anchor_id) for o in topic_run.openings]
+    scored = completion_perplexities(scorer, [i for i in ids for _ in range(N_PER)], unsteered.tokens)
+    finite = np.isfinite(scored)
+    assert finite.sum() > N_OPENINGS and np.array_equal(finite, np.isfinite(unsteered.disfluency))
+    ratio = unsteered.disfluency[finite] / scored[finite]
+    assert np.all(np.abs(ratio - 1) < 0.1) and abs(ratio.mean() - 1) < 0.02
+    assert abs(np.log(topic_run.condition(STEERED).disfluency[finite] / scored[finite]).mean()) > 0.05  # other tokens, other numbers
+
+
+def test_sentiment_end_to_end_love_turns_negative_openings_positive(tmp_path):
+    # Measured on 12 openings x 2: unsteered 0.125, Love - Hate at layer 6 x 8: 0.958 (p < 0.001).
+    from pyactadd.extract.pipeline import extract
+
+    love = tmp_path / "love.gguf"
+    extract("Love", "Hate", [6]).save(love)
+    args = ["eval", "--steer", f"{love}:8", "--task", "sentiment", "--limit", "8", "--n", "2", "--max-tokens", "16", "--threads", "2", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert "VADER" in payload["scorer"] and payload["prompted_text"] == "Love"
+    summaries = {c["condition"]: c for c in payload["conditions"]}
+    assert summaries[STEERED]["success"]["value"] >= summaries[UNSTEERED]["success"]["value"] + 0.4, payload["completions"]
+    assert summaries[STEERED]["p_vs_unsteered"] < 0.01
+    assert summaries[UNSTEERED]["disfluency"]["source"] == "generation" and summaries[STEERED]["disfluency"]["source"] == "scoring"
 
 
 def test_identical_seeds_give_identical_completions(llama, scorer, neutral, weddings):

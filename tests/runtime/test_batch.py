@@ -12,9 +12,12 @@ from pyactadd.runtime.batch import Batcher, Request, first_stop, generate_batch,
 from pyactadd.runtime.generate import Sampling, complete, load_llama, prompt_tokens
 from pyactadd.runtime.steering import Steering
 from pyactadd.vector.value import SteeringVector
-from helpers.scoring import SOLO_TOLERANCE, solo_gap
+from helpers.scoring import SOLO_TOLERANCE, solo_gap, solo_logprobs
 
 GREEDY = Sampling(max_tokens=24, temperature=0.0)
+# Measured: a batched token's log-probability against the same token teacher-forced alone,
+# up to ~0.2 per token and ~0.03 averaged over a completion (llama.cpp's batch numerics).
+LOGPROB_TOLERANCE, MEAN_LOGPROB_TOLERANCE = 0.5, 0.1
 PROMPTS = ["I hate you because", "The weather today is", "My favourite food is", "Yesterday I went to"]
 
 
@@ -116,6 +119,61 @@ def test_prefix_is_reused_only_under_the_same_steering(llama, love):
     assert first.n_reused == 0 and other.n_reused == 0
     assert same.n_reused == len(ids) - 1
     assert same.text == first.text
+
+
+def test_logprobs_are_the_models_own_under_each_sequences_steering(llama, love):
+    ids = [prompt_tokens(llama, p) for p in PROMPTS[:3]]
+    steering = [[(love, 6.0)], [], [(love, -6.0)]]
+    sampling = Sampling(max_tokens=16, temperature=0.9, seed=3)
+    requests = [Request(i, s, sampling, logprobs=True) for i, s in zip(ids, steering)]
+    batched = generate_batch(llama, requests + [Request(ids[0], (), sampling)], parallel=4)
+    assert batched[-1].logprobs is None  # only when asked
+    for request, completion in zip(requests, batched):
+        assert len(completion.logprobs) == len(completion.tokens) > 0
+        got = np.asarray(completion.logprobs)
+        alone = solo_logprobs(llama, request.ids, request.steering, completion.tokens)
+        assert np.all(got <= 0)
+        assert np.abs(got - alone).max() <= LOGPROB_TOLERANCE
+        assert abs(got.mean() - alone.mean()) <= MEAN_LOGPROB_TOLERANCE
+    # The check can fail: under the opposite steering the same tokens are far less likely.
+    opposite = solo_logprobs(llama, ids[0], steering[2], batched[0].tokens)
+    assert np.mean(batched[0].logprobs) - opposite.mean() > 10 * MEAN_LOGPROB_TOLERANCE
+
+
+def test_samples_of_one_prompt_share_its_evaluation(llama, love):
+    ids = prompt_tokens(llama, PROMPTS[1])
+    same = [Request(ids, [(love, 4.0)], Sampling(max_tokens=12, temperature=0.8, seed=i)) for i in range(3)]
+    other = Request(ids, [(love, 2.0)], Sampling(max_tokens=12, temperature=0.8, seed=0))
+    batched = generate_batch(llama, same + [other], parallel=4)
+    assert [c.n_reused for c in batched] == [0, len(ids) - 1, len(ids) - 1, 0]  # shared only under the same steering
+    for request, completion in zip(same, batched):
+        assert solo_gap(llama, ids, request.steering, completion.tokens) <= 12, completion.text  # sampled, not greedy
+    greedy = generate_batch(llama, [Request(ids, [(love, 4.0)], GREEDY)] * 2, parallel=2)
+    assert greedy[1].n_reused == len(ids) - 1
+    assert solo_gap(llama, ids, [(love, 4.0)], greedy[1].tokens) <= SOLO_TOLERANCE
+
+
+@pytest.mark.parametrize("taken_over", [False, True])
+def test_a_sample_whose_donor_is_cancelled_shares_what_was_evaluated(llama, love, taken_over):
+    ids = prompt_tokens(llama, "Yesterday afternoon I went for a long walk to")
+    assert len(ids) > 5
+    batcher = Batcher(llama, 2, n_batch=4)  # the donor's prompt takes two steps
+    try:
+        first, second = (batcher.start(Request(ids, (), GREEDY)) for _ in range(2))
+        batcher.step()  # the first evaluates 4 prompt tokens; the second waits for them
+        batcher.cancel(first)
+        if taken_over:  # its sequence goes to a request under other steering before the second copies
+            third = batcher.start(Request(ids, [(love, 4.0)], GREEDY))
+        while batcher.busy:
+            batcher.step()
+    finally:
+        batcher.close()
+    assert first.completion is None
+    assert second.completion.n_reused == (0 if taken_over else 4)
+    assert solo_gap(llama, ids, (), second.completion.tokens) <= SOLO_TOLERANCE
+    if taken_over:
+        assert third.completion.n_reused == 0
+        assert solo_gap(llama, ids, [(love, 4.0)], third.completion.tokens) <= SOLO_TOLERANCE
 
 
 def test_stop_strings_end_the_text_and_are_never_streamed(llama):

@@ -28,7 +28,7 @@ from helpers.server_launcher import ServerProcess, request
 N_CTX = 256
 PROMPT = "I hate you because"
 # Eight steering settings (coefficients of one vector, a one-row vector at every position) and unsteered.
-SETTINGS = [6.0, -6.0, 3.0, -3.0, None, ("row", 4.0), None, 6.0]
+SETTINGS = [6.0, -6.0, 3.0, -3.0, None, ("row", 3.0), None, 6.0]
 
 
 @pytest.fixture(scope="module")

@@ -221,6 +221,7 @@ def test_cancel_frees_the_sequence_at_once(llama):
         (dict(ids="hello"), "request.ids must be a list"),
         (dict(ids=[1] * 250, sampling=Sampling(max_tokens=48)), "exceeds the context"),
         (dict(ids=[1, 2], stop="x"), "request.stop must be a list"),
+        (dict(ids=[1, 2], logprobs="yes"), "request.logprobs must be True or False"),
     ],
 )
 def test_bad_requests_are_refused_before_the_engine(llama, request_args, fragment):
